@@ -1,0 +1,47 @@
+# Single-node entry points. Every target that needs the venv depends on `setup`, so each is one
+# command on a fresh machine. Cluster runs use `ray job submit` (see README).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-cpu
+# pip's find-links/extra-index warnings on this machine are noise; keep real errors.
+PIP_QUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
+PRESET ?= cpu-default
+ARGS ?=
+
+.PHONY: setup test test-fast lint bench train eval mlflow-ui clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml cluster/cpu_compat.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade 'pip>=24' 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q -e '.[cpu,dev]' 2>&1 | $(PIP_QUIET)
+	$(PY) -m cluster.cpu_compat install
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: setup
+	$(PY) -m bench.run $(ARGS)
+
+train: setup
+	$(PY) -m cluster.train --config $(PRESET) $(ARGS)
+
+eval: setup
+	$(PY) -m cluster.cli eval --config $(PRESET) $(ARGS)
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+clean:
+	rm -rf outputs .cache .pytest_cache

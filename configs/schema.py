@@ -1,0 +1,221 @@
+"""The one typed config tree of the system.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error, not a
+silent default. Cross-field rules (a fidelity reward needs G >= 2, ...) live in validators here,
+so an impossible run is rejected before any process starts. Loading from YAML with command-line
+overrides is in `configs.load`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # A local Hugging Face folder (Qwen2.5-VL / Qwen2-VL). When null, the checkpoint is built
+    # locally from `preset` (random weights) or is the project's shipped base model.
+    path: str | None = None
+    preset: Literal["tiny", "small", "bench"] | None = "tiny"
+    # Image resolution bounds, shared by the rollout engine and the learner so both see the same tokens.
+    min_pixels: int = Field(3136, gt=0)
+    max_pixels: int = Field(12544, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.path is None and self.preset is None:
+            raise ValueError("set model.path (a local checkpoint folder) or model.preset")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"model.min_pixels ({self.min_pixels}) > model.max_pixels ({self.max_pixels})")
+        return self
+
+
+class DatasetSpec(Section):
+    # A format registered in `iqa.formats` ("builtin", "kadid10k", "koniq10k", "jsonl", ...).
+    format: str
+    # Folder (or label file) of the dataset; unused by "builtin".
+    path: str | None = None
+    # Name used to keep comparison groups within one dataset; defaults to the format name.
+    name: str | None = None
+
+
+class DataConfig(Section):
+    train: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(format="builtin")])
+    eval: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(format="builtin")])
+    split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split_seed: int = 42
+    on_bad_input: Literal["error", "skip"] = "error"
+    # Built-in benchmark made from scikit-image's photographs.
+    builtin_size: int = Field(112, ge=28)
+    builtin_seed: int = 0
+    cache_dir: str = ".cache/vqr1"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
+            raise ValueError(f"data.split_ratios must be >= 0 and sum to 1, got {self.split_ratios}")
+        if not self.train:
+            raise ValueError("data.train must name at least one dataset")
+        return self
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    num_generations: int = Field(6, ge=1, description="G: completions sampled per image")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k truncation (vLLM's default)")
+    max_new_tokens: int = Field(256, ge=1)
+    thinking: bool = True
+    seed: int = 0
+    # Forbid sampling <|image_pad|> and the other vision special tokens (they crash the learner's forward).
+    suppress_vision_tokens: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0)
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="CPU KV cache size")
+    enforce_eager: bool = False
+    # In-process engine: much faster start-up, fine for one engine per process.
+    in_process_engine: bool = True
+
+
+class RewardConfig(Section):
+    fidelity_weight: float = Field(1.0, ge=0.0)
+    format_weight: float = Field(1.0, ge=0.0)
+    # Images per comparison group within one dataset; null = all images of the dataset in the batch.
+    group_size: int | None = Field(None, ge=2)
+    # "random": a uniform draw in score_range (published); "exclude": the completion gets no
+    # fidelity reward and does not enter its image's mean and variance.
+    on_parse_failure: Literal["random", "exclude"] = "random"
+    # What to do with parsed scores outside score_range: keep (published), clip, or treat as failure.
+    out_of_range: Literal["keep", "clip", "fail"] = "keep"
+    score_range: tuple[float, float] = (1.0, 5.0)
+    # Permute MOS labels inside each dataset before the reward (the learning control run).
+    permute_labels: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.score_range[0] >= self.score_range[1]:
+            raise ValueError(f"reward.score_range must be (low, high) with low < high, got {self.score_range}")
+        if self.fidelity_weight == 0 and self.format_weight == 0:
+            raise ValueError("reward.fidelity_weight and reward.format_weight are both 0: nothing to learn from")
+        return self
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks")
+    lr: float = Field(1e-6, gt=0.0)
+    lr_schedule: Literal["constant", "linear"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.04, ge=0.0, description="KL weight to the frozen reference")
+    kl_clamp: float = Field(10.0, gt=0.0, description="bound on |log ref - log pi| before exp")
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0)
+    eps_high: float = Field(0.2, gt=0.0)
+    num_iterations: int = Field(1, ge=1, description="mu: GRPO updates per rollout batch")
+    loss_aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    advantage: Literal["std", "mean_only"] = "std"
+    micro_batch_size: int = Field(8, ge=1, description="completions per forward/backward")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    bf16: bool = False
+
+
+class PlacementConfig(Section):
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class ClusterConfig(Section):
+    # Ray address: null starts a local Ray (or joins RAY_ADDRESS when set).
+    address: str | None = None
+    host: str = "127.0.0.1"
+    num_cpus: int | None = None
+    # "dedicated": rollout and learner bundles on separate resources; "colocate": share them.
+    placement: Literal["dedicated", "colocate"] = "dedicated"
+    rollout: PlacementConfig = Field(default_factory=PlacementConfig)
+    learner: PlacementConfig = Field(default_factory=PlacementConfig)
+    reward: PlacementConfig = Field(default_factory=lambda: PlacementConfig(num_cpus=0.0))
+    call_timeout_s: float = Field(600.0, gt=0.0)
+    max_worker_restarts: int = Field(3, ge=0)
+
+
+class TrackingConfig(Section):
+    # null: MLFLOW_TRACKING_URI, else a sqlite store in the project folder.
+    tracking_uri: str | None = None
+    experiment: str = "visualquality-r1"
+    run_name: str | None = None
+    sample_table_every: int = Field(10, ge=1)
+
+
+class CheckpointConfig(Section):
+    dir: str = "outputs/checkpoints"
+    every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+    resume: bool = False
+
+
+class EvalConfig(Section):
+    split: Literal["train", "val", "test"] = "test"
+    every: int = Field(0, ge=0, description="steps between evaluations; 0 = before and after only")
+    num_samples: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    thinking: bool = True
+    max_images: int | None = Field(None, ge=1)
+    bootstrap: int = Field(1000, ge=0)
+
+
+class TrainConfig(Section):
+    images_per_step: int = Field(8, ge=1, description="images in one rollout batch")
+    steps: int = Field(10, ge=1)
+    seed: int = 0
+    output_dir: str = "outputs"
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.reward.fidelity_weight > 0 and self.rollout.num_generations < 2:
+            raise ValueError(
+                "rollout.num_generations must be >= 2 with the fidelity reward "
+                "(its variance terms need G >= 2 samples per image)"
+            )
+        if self.reward.group_size is not None and self.reward.group_size > self.train.images_per_step:
+            raise ValueError(
+                f"reward.group_size ({self.reward.group_size}) > train.images_per_step "
+                f"({self.train.images_per_step}): no comparison group could be filled"
+            )
+        completions = self.train.images_per_step * self.rollout.num_generations
+        if completions % self.learner.num_workers:
+            raise ValueError(
+                f"train.images_per_step * rollout.num_generations ({completions}) must be divisible by "
+                f"learner.num_workers ({self.learner.num_workers})"
+            )
+        if self.train.images_per_step < self.rollout.num_workers:
+            raise ValueError(
+                f"train.images_per_step ({self.train.images_per_step}) < rollout.num_workers "
+                f"({self.rollout.num_workers}): some rollout workers would get no image"
+            )
+        return self

@@ -1,0 +1,121 @@
+"""GRPO math as small pure functions: token log-probs, group advantages, the clipped loss with k3 KL.
+
+No processes, no Ray: the learner actor calls these. Shapes: B sequences (completions), T tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ADVANTAGE_EPS = 1e-4
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log pi(token_t | prefix) for logits (B, T, V) that already predict token_ids (B, T)."""
+    logits = logits.float()
+    gathered = torch.gather(logits, -1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return gathered - torch.logsumexp(logits, dim=-1)
+
+
+def group_advantages(
+    rewards: torch.Tensor, mode: Literal["std", "mean_only"] = "std", eps: float = ADVANTAGE_EPS
+) -> torch.Tensor:
+    """Advantages for rewards (num_groups, G): (r - mean) / (std + eps), std unbiased.
+
+    A group of one completion has no baseline to compare with: its advantage is 0.
+    """
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be (groups, generations), got shape {tuple(rewards.shape)}")
+    rewards = rewards.double()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if rewards.shape[1] < 2:
+        return torch.zeros_like(rewards)
+    if mode == "mean_only":
+        return centred
+    if mode != "std":
+        raise ValueError(f"mode must be 'std' or 'mean_only', got {mode!r}")
+    return centred / (rewards.std(dim=1, unbiased=True, keepdim=True) + eps)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, >= 0.
+
+    The log-ratio is clamped to [-clamp, clamp] so one badly off token cannot overflow exp.
+    """
+    log_ratio = torch.clamp(ref_logp - logp, -clamp, clamp)
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Literal["sequence_mean", "token_mean"],
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token values (B, T) under a padding mask.
+
+    sequence_mean (published): mean over each sequence's tokens, then sum / normalizer
+        (normalizer = number of sequences in the whole optimizer batch; default B).
+    token_mean (DAPO, TRL, verl): sum over all tokens / normalizer
+        (normalizer = number of tokens in the whole optimizer batch; default the tokens here).
+    Passing the whole batch's normalizer keeps micro-batched gradient accumulation exact.
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "sequence_mean":
+        per_sequence = (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+        return per_sequence.sum() / (normalizer if normalizer is not None else per_token.shape[0])
+    if mode == "token_mean":
+        denominator = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
+        return (per_token * mask).sum() / denominator
+    raise ValueError(f"mode must be 'sequence_mean' or 'token_mean', got {mode!r}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.04,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    kl_clamp: float = 10.0,
+    aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped GRPO surrogate plus beta * k3 KL; returns (loss, metrics).
+
+    per token: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL(pi || ref),
+    ratio = exp(logp - old_logp), A the sequence's advantage.
+    """
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype).unsqueeze(-1)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = k3_kl(logp, ref_logp, kl_clamp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta > 0:
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation, normalizer)
+
+    with torch.no_grad():
+        active = mask > 0
+        # The clipped branch is the one taken (and its gradient is zero) exactly here.
+        clipped_here = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        ntok = active.sum().clamp(min=1)
+        masked_ratio = ratio[active]
+        metrics = {
+            "loss": float(loss.detach()),
+            "kl": float((kl * mask).sum() / ntok),
+            "clip_fraction": float((clipped_here & active).sum() / ntok),
+            "ratio_min": float(masked_ratio.min()) if masked_ratio.numel() else 1.0,
+            "ratio_mean": float(masked_ratio.mean()) if masked_ratio.numel() else 1.0,
+            "ratio_max": float(masked_ratio.max()) if masked_ratio.numel() else 1.0,
+            "num_tokens": float(active.sum()),
+        }
+    return loss, metrics

@@ -1,0 +1,80 @@
+"""Score parsing and the format reward, exactly as published (see docs/method.md).
+
+- score: the LAST `<answer>...</answer>` (dot matches newline), else the whole completion; then the
+  first number `-?\\d+(\\.\\d+)?` in it.
+- format: 1 when the whole completion is `<think>...</think>` then `<answer>...</answer>`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER_RE = re.compile(r"-?\d+(\.\d+)?")
+FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+FailurePolicy = Literal["random", "exclude"]
+OutOfRangePolicy = Literal["keep", "clip", "fail"]
+
+
+def extract_score(completion: str) -> float | None:
+    """The published parser: None when no number is found."""
+    answers = ANSWER_RE.findall(completion)
+    region = answers[-1] if answers else completion
+    match = NUMBER_RE.search(region)
+    return float(match.group(0)) if match else None
+
+
+@dataclass(frozen=True)
+class ParsedScores:
+    """Scores of a flat list of completions.
+
+    `ok[i]` is False where completion i had no parsable score (or one out of range under the
+    "fail" policy). `scores[i]` is then the value the failure policy chose: a uniform draw under
+    "random", NaN under "exclude" (the fidelity reward masks those out).
+    """
+
+    scores: np.ndarray  # float64, (N,)
+    ok: np.ndarray  # bool, (N,)
+
+    @property
+    def failure_rate(self) -> float:
+        return float(1.0 - self.ok.mean()) if self.ok.size else 0.0
+
+
+def parse_scores(
+    completions: Sequence[str],
+    on_failure: FailurePolicy = "random",
+    out_of_range: OutOfRangePolicy = "keep",
+    score_range: tuple[float, float] = (1.0, 5.0),
+    rng: np.random.Generator | None = None,
+) -> ParsedScores:
+    low, high = score_range
+    raw = [extract_score(c) for c in completions]
+    scores = np.array([np.nan if s is None else s for s in raw], dtype=np.float64)
+    ok = ~np.isnan(scores)
+    # A digit run of hundreds of characters parses to inf; that is no score either.
+    ok &= np.isfinite(scores)
+    if out_of_range == "clip":
+        scores = np.where(ok, np.clip(scores, low, high), scores)
+    elif out_of_range == "fail":
+        ok &= (scores >= low) & (scores <= high)
+    failed = ~ok
+    if on_failure == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        scores[failed] = rng.uniform(low, high, size=int(failed.sum()))
+    elif on_failure == "exclude":
+        scores[failed] = np.nan
+    else:
+        raise ValueError(f"on_failure must be 'random' or 'exclude', got {on_failure!r}")
+    return ParsedScores(scores=scores, ok=ok)
+
+
+def format_reward(completions: Sequence[str]) -> np.ndarray:
+    """1.0 where the completion is exactly `<think>..</think> <answer>..</answer>`, else 0.0."""
+    return np.array([1.0 if FORMAT_RE.fullmatch(c) else 0.0 for c in completions], dtype=np.float64)

@@ -1,0 +1,193 @@
+"""Rewards against plain loops written straight from the formulas in docs/method.md."""
+
+import math
+
+import numpy as np
+import pytest
+
+from configs.schema import RewardConfig
+from rewards.batch import batch_rewards
+from rewards.fidelity import comparison_groups, fidelity_reward, total_reward
+from rewards.parsing import extract_score, format_reward, parse_scores
+
+EPS = 1e-6
+
+
+def phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def reference_fidelity(scores, mos, groups, valid=None):
+    """The seed pseudocode, one loop per index; pairs only within a comparison group."""
+    num_images, num_gen = len(scores), len(scores[0])
+    valid = [[True] * num_gen for _ in range(num_images)] if valid is None else valid
+    stats = []
+    for i in range(num_images):
+        vals = [scores[i][k] for k in range(num_gen) if valid[i][k]]
+        mu = sum(vals) / len(vals) if vals else 0.0
+        var = sum((v - mu) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+        stats.append((mu, var, len(vals)))
+    out = [[0.0] * num_gen for _ in range(num_images)]
+    for i in range(num_images):
+        for k in range(num_gen):
+            if not valid[i][k]:
+                continue
+            total, n = 0.0, 0
+            for j in range(num_images):
+                if j == i or groups[j] != groups[i] or stats[j][2] == 0:
+                    continue
+                p = phi((scores[i][k] - stats[j][0]) / math.sqrt(stats[i][1] + stats[j][1] + EPS))
+                gt = 1.0 if mos[i] > mos[j] else 0.0 if mos[i] < mos[j] else 0.5
+                total += math.sqrt(p * gt + EPS) + math.sqrt((1 - p) * (1 - gt) + EPS)
+                n += 1
+            out[i][k] = total / n if n else 0.0
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_fidelity_matches_reference_loop(seed):
+    rng = np.random.default_rng(seed)
+    num_images, num_gen = int(rng.integers(2, 12)), int(rng.integers(2, 9))
+    scores = rng.uniform(1, 5, size=(num_images, num_gen)).round(int(rng.integers(0, 3)))
+    mos = rng.integers(1, 5, size=num_images).astype(float)  # integers: plenty of ties
+    groups = rng.integers(0, 3, size=num_images)
+    valid = rng.random((num_images, num_gen)) > 0.2
+    np.testing.assert_allclose(
+        fidelity_reward(scores, mos, groups), reference_fidelity(scores, mos, groups), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        fidelity_reward(scores, mos, groups, valid=valid),
+        reference_fidelity(scores, mos, groups, valid.tolist()),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_fidelity_ties_give_half_probability_terms():
+    # Equal MOS -> gt = 0.5; equal scores and zero variance -> p = 0.5; r = 2 * sqrt(0.25 + eps).
+    scores = np.full((3, 4), 3.0)
+    reward = fidelity_reward(scores, np.array([2.0, 2.0, 2.0]), np.zeros(3, dtype=int))
+    np.testing.assert_allclose(reward, 2 * math.sqrt(0.25 + EPS))
+
+
+def test_fidelity_zero_variance_everywhere_is_finite_and_rewards_right_order():
+    scores = np.array([[4.0] * 4, [2.0] * 4])
+    reward = fidelity_reward(scores, np.array([5.0, 1.0]), np.zeros(2, dtype=int))
+    assert np.isfinite(reward).all()
+    # Both images ranked correctly with certainty: p -> 1 for image 0 vs 1, gt = 1: r = sqrt(1+eps)+sqrt(eps).
+    np.testing.assert_allclose(reward, math.sqrt(1 + EPS) + math.sqrt(EPS), atol=1e-9)
+    wrong = fidelity_reward(scores, np.array([1.0, 5.0]), np.zeros(2, dtype=int))
+    assert (wrong < 0.01).all()
+
+
+def test_fidelity_group_of_one_has_no_pairs_and_zero_reward():
+    scores = np.array([[1.0, 2.0], [3.0, 4.0], [2.0, 5.0]])
+    groups = np.array([0, 0, 1])  # image 2 is alone in its group
+    reward = fidelity_reward(scores, np.array([1.0, 2.0, 3.0]), groups)
+    assert (reward[2] == 0).all()
+    np.testing.assert_allclose(reward[:2], reference_fidelity(scores[:2], [1.0, 2.0], [0, 0]))
+
+
+def test_fidelity_every_parse_failing_is_zero_not_nan():
+    scores = np.full((4, 3), np.nan)
+    reward = fidelity_reward(scores, np.arange(4.0), np.zeros(4, dtype=int), valid=np.zeros((4, 3), bool))
+    assert np.isfinite(reward).all() and (reward == 0).all()
+
+
+def test_mixed_datasets_never_pair_across_datasets():
+    names = ["kadid", "spaq", "kadid", "spaq", "kadid"]
+    groups = comparison_groups(names)
+    assert groups.tolist() == [0, 1, 0, 1, 0]
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(1, 5, size=(5, 4))
+    mos = np.array([1.0, 100.0, 2.0, 50.0, 3.0])  # different scales per dataset
+    mixed = fidelity_reward(scores, mos, groups)
+    # Each dataset alone gives the same rewards: no cross-dataset pair entered.
+    kadid = [0, 2, 4]
+    np.testing.assert_allclose(mixed[kadid], fidelity_reward(scores[kadid], mos[kadid], np.zeros(3, int)))
+    spaq = [1, 3]
+    np.testing.assert_allclose(mixed[spaq], fidelity_reward(scores[spaq], mos[spaq], np.zeros(2, int)))
+
+
+def test_comparison_groups_fixed_chunks_within_dataset():
+    names = ["a"] * 5 + ["b"] * 3
+    assert comparison_groups(names, group_size=2).tolist() == [0, 0, 1, 1, 2, 3, 3, 4]
+    with pytest.raises(ValueError):
+        comparison_groups(names, group_size=0)
+
+
+def test_fidelity_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="mos"):
+        fidelity_reward(np.zeros((3, 2)), np.zeros(2), np.zeros(3, int))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>fine</think><answer>3.75</answer>", 3.75),
+        ("<answer>1</answer> then <answer>4.2</answer>", 4.2),  # the LAST answer
+        ("<answer>score: 2.5 or 3</answer>", 2.5),  # the first number in it
+        ("no tags, maybe 4.5 overall", 4.5),  # no answer tag: the whole completion
+        ("<answer>\n-1.5\n</answer>", -1.5),  # dot matches newline; not clipped
+        ("<answer>4058</answer>", 4058.0),
+        ("<answer>three</answer>", None),
+        ("", None),
+    ],
+)
+def test_extract_score_as_published(text, expected):
+    assert extract_score(text) == expected
+
+
+def test_parse_scores_failure_policies():
+    texts = ["<answer>2</answer>", "nothing", "<answer>9</answer>", "<answer>x</answer>"]
+    rand = parse_scores(texts, on_failure="random", rng=np.random.default_rng(0))
+    assert rand.ok.tolist() == [True, False, True, False]
+    assert rand.scores[0] == 2 and rand.scores[2] == 9  # "keep": not clipped
+    assert all(1 <= s <= 5 for s in rand.scores[[1, 3]])
+    assert rand.failure_rate == 0.5
+    excl = parse_scores(texts, on_failure="exclude")
+    assert np.isnan(excl.scores[[1, 3]]).all()
+    clipped = parse_scores(texts, on_failure="exclude", out_of_range="clip")
+    assert clipped.scores[2] == 5.0 and clipped.ok[2]
+    failed = parse_scores(texts, on_failure="exclude", out_of_range="fail")
+    assert failed.ok.tolist() == [True, False, False, False]
+    huge = parse_scores(["<answer>" + "9" * 400 + "</answer>"], on_failure="exclude")
+    assert not huge.ok[0]
+
+
+@pytest.mark.parametrize(
+    "text, reward",
+    [
+        ("<think>sharp, clean</think><answer>4.1</answer>", 1.0),
+        ("<think>a\nb</think>\n <answer>2</answer>", 1.0),
+        ("<think>x</think><answer>2</answer> trailing", 0.0),
+        ("lead <think>x</think><answer>2</answer>", 0.0),
+        ("<answer>2</answer>", 0.0),
+        ("<think>x</think>", 0.0),
+    ],
+)
+def test_format_reward_is_strict(text, reward):
+    assert format_reward([text])[0] == reward
+
+
+def test_total_reward_weights():
+    np.testing.assert_allclose(total_reward([1.0, 0.5], [1.0, 0.0], 2.0, 0.5), [2.5, 1.0])
+
+
+def test_batch_rewards_end_to_end_and_metrics():
+    completions = [
+        ["<think>a</think><answer>4.5</answer>", "<think>b</think><answer>4.0</answer>"],
+        ["<think>c</think><answer>1.5</answer>", "oops"],
+        ["<think>d</think><answer>3</answer>", "<think>e</think><answer>2</answer>"],
+    ]
+    config = RewardConfig(on_parse_failure="exclude")
+    out = batch_rewards(completions, [5.0, 1.0, 3.0], ["k", "k", "k"], config)
+    assert out.total.shape == (3, 2)
+    assert out.parse_ok.tolist() == [[True, True], [True, False], [True, True]]
+    np.testing.assert_allclose(out.total, out.fidelity + out.format)
+    assert out.fidelity[1, 1] == 0 and out.format[1, 1] == 0
+    metrics = out.metrics()
+    assert metrics["reward/parse_failure_rate"] == pytest.approx(1 / 6)
+    assert all(np.isfinite(v) for v in metrics.values())
+    with pytest.raises(ValueError, match="same number of completions"):
+        batch_rewards([["a"], ["b", "c"]], [1, 2], ["k", "k"], config)
