@@ -1,0 +1,130 @@
+"""Decode any image a user's dataset may hold into a plain 8-bit RGB `PIL.Image`, or fail clearly.
+
+What `load_image` guarantees:
+- the whole file is decoded now (a truncated file fails here, not later inside a training step);
+- the EXIF orientation is applied (phone photos are stored sideways with an orientation tag);
+- the result is 8-bit RGB: alpha (LA/RGBA/PA/P with transparency) is composited on white, CMYK and
+  palette images are converted, and high-bit-depth grey modes are scaled down to 8 bits:
+    I;16*  : value / 257 (the 16-bit range);
+    I and F: the range is inferred from the image's maximum: <= 1 is a unit float image (x 255),
+             <= 255 is already 8-bit, anything larger is 16-bit (/ 257), then clipped to [0, 255];
+- multi-frame files (GIF, TIFF) give their first frame.
+Every failure is an `ImageLoadError` whose message names the file and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+BYTES_NAME = "<bytes>"
+# Errors Pillow's decoders raise on damaged data (truncated streams, broken chunks, bad headers).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used; `source` names the file, `reason` says why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def _open(source: str | Path | bytes) -> tuple[Image.Image, str]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        if not data:
+            raise ImageLoadError(BYTES_NAME, "zero-byte image data")
+        name, stream = BYTES_NAME, io.BytesIO(data)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.exists():
+            raise ImageLoadError(name, "file is missing")
+        if not path.is_file():
+            raise ImageLoadError(name, "not a regular file")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(name, "zero-byte file")
+        stream = io.BytesIO(path.read_bytes())
+    try:
+        return Image.open(stream), name
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image (no known image format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(name, f"image too large to decode safely ({exc})") from None
+    except DECODE_ERRORS as exc:
+        raise ImageLoadError(name, f"corrupt image header ({exc})") from None
+
+
+def _decode(img: Image.Image, name: str) -> None:
+    try:
+        img.load()
+    except DECODE_ERRORS as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise ImageLoadError(name, f"{reason} image data ({exc})") from None
+
+
+def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scale = 1 / 257
+    else:
+        peak = float(np.nanmax(values)) if values.size else 0.0
+        scale = 255.0 if peak <= 1.0 else 1.0 if peak <= 255.0 else 1 / 257
+    grey = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, by the rules in the module docstring; always a new image."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_8bit(img)
+    has_alpha = mode in ("LA", "La", "RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        return _on_white(img)
+    return img.convert("RGB")
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode a file path or encoded bytes into an upright 8-bit RGB image (see module docstring)."""
+    img, name = _open(source)
+    with img:
+        _decode(img, name)
+        try:
+            upright = ImageOps.exif_transpose(img)
+        except DECODE_ERRORS as exc:
+            raise ImageLoadError(name, f"corrupt EXIF orientation data ({exc})") from None
+        return to_rgb(upright)
+
+
+def fit_pixels(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Resize keeping the aspect ratio so that width*height lies in [min_pixels, max_pixels].
+
+    The Qwen processor does the exact resize (smart_resize); this only pre-shrinks big photos
+    (or enlarges tiny ones) so that the processor and the transfer of pixels stay cheap.
+    """
+    if min_pixels <= 0 or max_pixels < min_pixels:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    width, height = img.size
+    area = width * height
+    if min_pixels <= area <= max_pixels:
+        return img
+    scale = math.sqrt((max_pixels if area > max_pixels else min_pixels) / area)
+    # floor when shrinking keeps the area <= max; ceil when growing keeps it >= min.
+    rounding = math.floor if area > max_pixels else math.ceil
+    size = (max(1, rounding(width * scale)), max(1, rounding(height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)

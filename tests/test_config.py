@@ -1,0 +1,79 @@
+"""The config tree rejects bad input before anything starts, naming the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from configs.load import PRESETS_DIR, ConfigError, dump_config, load_config
+from configs.schema import Config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    config = load_config(preset)
+    assert isinstance(config, Config)
+    # A dumped config loads back to the same values.
+    assert Config.model_validate(__import__("yaml").safe_load(dump_config(config))) == config
+
+
+def test_overrides_are_typed_and_applied():
+    config = load_config("cpu-tiny", ["learner.lr=1e-6", "rollout.num_generations=6", "reward.group_size=2"])
+    assert config.learner.lr == 1e-6
+    assert config.rollout.num_generations == 6
+    assert config.reward.group_size == 2
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = write(tmp_path, "learner:\n  learning_rate: 1e-6\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "learner.learning_rate: unknown key" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = write(tmp_path, "rollout:\n  num_generations: many\n")
+    with pytest.raises(ConfigError, match=r"rollout\.num_generations"):
+        load_config(path)
+
+
+def test_fidelity_with_one_generation_is_rejected():
+    with pytest.raises(ConfigError, match="num_generations must be >= 2"):
+        load_config("cpu-tiny", ["rollout.num_generations=1"])
+    # Without the fidelity reward G = 1 is allowed (format-only training).
+    load_config("cpu-tiny", ["rollout.num_generations=1", "reward.fidelity_weight=0"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("reward.group_size=64", "group_size"),
+        ("learner.num_workers=3", "divisible"),
+        ("model.min_pixels=999999", "min_pixels"),
+        ("data.split_ratios=[0.5,0.5,0.5]", "split_ratios"),
+        ("reward.score_range=[5,1]", "score_range"),
+        ("learner.zero_stage=4", "zero_stage"),
+        ("cluster.placement=everywhere", "placement"),
+    ],
+)
+def test_impossible_combinations_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("cpu-tiny", [override])
+
+
+def test_bad_override_syntax_and_missing_preset(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("cpu-tiny", ["learner.lr"])
+    with pytest.raises(ConfigError, match="unknown config preset"):
+        load_config("no-such-preset")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = write(tmp_path, "learner: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

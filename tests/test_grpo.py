@@ -1,0 +1,158 @@
+"""GRPO math against plain loops written from the formulas, plus its behaviour under an optimizer."""
+
+import math
+
+import pytest
+import torch
+
+from learner.grpo import aggregate, group_advantages, grpo_loss, k3_kl, token_logprobs
+
+
+def reference_advantages(rewards, mode):
+    out = []
+    for group in rewards:
+        n = len(group)
+        mean = sum(group) / n
+        if n < 2:
+            out.append([0.0] * n)
+            continue
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1))
+        out.append([(r - mean) / (std + 1e-4) if mode == "std" else r - mean for r in group])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregation):
+    """One loop per token, straight from the published objective."""
+    per_seq, total, ntok = [], 0.0, 0
+    for b in range(len(logp)):
+        seq_sum, seq_n = 0.0, 0
+        for t in range(len(logp[b])):
+            if not mask[b][t]:
+                continue
+            ratio = math.exp(logp[b][t] - old[b][t])
+            surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps_low), 1 + eps_high) * adv[b])
+            d = ref[b][t] - logp[b][t]
+            kl = math.exp(d) - d - 1
+            value = -surrogate + beta * kl
+            seq_sum += value
+            seq_n += 1
+        per_seq.append(seq_sum / max(seq_n, 1))
+        total += seq_sum
+        ntok += seq_n
+    if aggregation == "sequence_mean":
+        return sum(per_seq) / len(per_seq)
+    return total / ntok
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("mode", ["std", "mean_only"])
+def test_group_advantages_match_reference(seed, mode):
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.rand(5, 6, generator=gen, dtype=torch.float64) * 3
+    torch.testing.assert_close(
+        group_advantages(rewards, mode), reference_advantages(rewards.tolist(), mode), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_group_advantages_zero_variance_and_group_of_one():
+    flat = torch.full((2, 4), 1.7, dtype=torch.float64)
+    assert torch.equal(group_advantages(flat), torch.zeros_like(flat))
+    single = torch.tensor([[0.3], [2.0]])
+    assert torch.equal(group_advantages(single), torch.zeros(2, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="groups, generations"):
+        group_advantages(torch.zeros(4))
+
+
+def random_batch(seed, batch=4, length=7):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 3
+    old = logp + (torch.rand(batch, length, generator=gen, dtype=torch.float64) - 0.5) * 0.8
+    ref = logp + (torch.rand(batch, length, generator=gen, dtype=torch.float64) - 0.5) * 0.5
+    adv = torch.randn(batch, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_grpo_loss_matches_reference(seed, aggregation):
+    logp, old, ref, adv, mask = random_batch(seed)
+    loss, metrics = grpo_loss(
+        logp, old, adv, mask, ref_logp=ref, beta=0.04, eps_low=0.2, eps_high=0.28, aggregation=aggregation
+    )
+    expected = reference_loss(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, 0.2, 0.28, aggregation
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert 0.0 <= metrics["clip_fraction"] <= 1.0
+    assert metrics["ratio_min"] <= metrics["ratio_mean"] <= metrics["ratio_max"]
+
+
+def test_aggregations_differ_exactly_as_defined_on_unequal_lengths():
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    # sequence_mean: (mean(1,1,1,1) + mean(4)) / 2 = 2.5; token_mean: (4 + 4) / 5 = 1.6.
+    assert aggregate(per_token, mask, "sequence_mean").item() == pytest.approx(2.5)
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(1.6)
+    # A global normalizer makes micro-batches add up to the whole batch's value.
+    halves = [aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean", normalizer=5.0) for i in (0, 1)]
+    assert sum(h.item() for h in halves) == pytest.approx(1.6)
+    halves = [aggregate(per_token[i : i + 1], mask[i : i + 1], "sequence_mean", normalizer=2.0) for i in (0, 1)]
+    assert sum(h.item() for h in halves) == pytest.approx(2.5)
+
+
+def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
+    logp, *_ = random_batch(3)
+    assert torch.equal(k3_kl(logp, logp), torch.zeros_like(logp))
+    assert (k3_kl(logp, logp + 0.3) > 0).all()
+    # Clamp keeps a wildly off token finite.
+    assert torch.isfinite(k3_kl(torch.tensor([0.0]), torch.tensor([500.0]))).all()
+
+
+def test_clipped_term_gives_zero_gradient_outside_clip_range():
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    # ratio = e^0.5 ~ 1.65 > 1.2 with a positive advantage: the clipped branch is taken.
+    logp = torch.full((1, 3), 0.5, dtype=torch.float64, requires_grad=True)
+    loss, metrics = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 3), beta=0.0)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+    assert metrics["clip_fraction"] == 1.0
+    # Same ratio with a negative advantage is not clipped (pessimistic bound): gradient flows.
+    logp2 = torch.full((1, 3), 0.5, dtype=torch.float64, requires_grad=True)
+    loss2, metrics2 = grpo_loss(logp2, old, torch.tensor([-1.0]), torch.ones(1, 3), beta=0.0)
+    loss2.backward()
+    assert (logp2.grad != 0).all() and metrics2["clip_fraction"] == 0.0
+
+
+def test_beta_without_reference_is_an_error():
+    logp, old, _, adv, mask = random_batch(0)
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, old, adv, mask, ref_logp=None, beta=0.1)
+
+
+def test_positive_advantage_raises_logprob_after_one_step():
+    torch.manual_seed(0)
+    vocab, length = 11, 5
+    logits_param = torch.nn.Parameter(torch.randn(2, length, vocab))
+    tokens = torch.randint(0, vocab, (2, length))
+    optimizer = torch.optim.SGD([logits_param], lr=0.5)
+
+    def logp():
+        return token_logprobs(logits_param, tokens)
+
+    before = logp().detach()
+    advantages = torch.tensor([1.0, -1.0])
+    loss, _ = grpo_loss(logp(), before, advantages, torch.ones(2, length), ref_logp=before, beta=0.04)
+    loss.backward()
+    optimizer.step()
+    after = logp().detach()
+    assert (after[0] > before[0]).all(), "positive advantage must raise its tokens' log-probs"
+    assert (after[1] < before[1]).all(), "negative advantage must lower its tokens' log-probs"
+
+
+def test_token_logprobs_equals_log_softmax_gather():
+    logits = torch.randn(3, 4, 9)
+    tokens = torch.randint(0, 9, (3, 4))
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(token_logprobs(logits, tokens), expected)
