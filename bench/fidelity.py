@@ -25,7 +25,9 @@ def loop_fidelity(scores: np.ndarray, mos: np.ndarray) -> np.ndarray:
             for j in range(num_images):
                 if j == i:
                     continue
-                p = 0.5 * (1 + math.erf((scores[i, k] - mean[j]) / math.sqrt(var[i] + var[j] + EPS) / math.sqrt(2)))
+                p = 0.5 * (
+                    1 + math.erf((scores[i, k] - mean[j]) / math.sqrt(var[i] + var[j] + EPS) / math.sqrt(2))
+                )
                 gt = 1.0 if mos[i] > mos[j] else 0.0 if mos[i] < mos[j] else 0.5
                 total += math.sqrt(p * gt + EPS) + math.sqrt((1 - p) * (1 - gt) + EPS)
             out[i, k] = total / (num_images - 1)
@@ -53,7 +55,9 @@ def main() -> list[dict]:
         loop_s = best_of(lambda: loop_fidelity(scores, mos), 1 if num_images > 64 else 3)
         vec_s = best_of(lambda: fidelity_reward(scores, mos, groups), 5)
         diff = float(np.abs(loop_fidelity(scores, mos) - fidelity_reward(scores, mos, groups)).max())
-        rows.append({"B": num_images, "G": 8, "loop_s": loop_s, "vectorised_s": vec_s, "speedup": loop_s / vec_s})
+        rows.append(
+            {"B": num_images, "G": 8, "loop_s": loop_s, "vectorised_s": vec_s, "speedup": loop_s / vec_s}
+        )
         print(f"{num_images:>5} {loop_s:>10.4f} {vec_s:>13.5f} {loop_s / vec_s:>8.0f}x {diff:>11.1e}")
     return rows
 

@@ -29,7 +29,12 @@ def machine_facts() -> dict:
             installed[name] = version(name)
         except Exception:  # noqa: BLE001 - an absent package is a fact to record, not an error
             installed[name] = None
-    return {"cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(), **installed}
+    return {
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        **installed,
+    }
 
 
 def main() -> None:

@@ -47,6 +47,10 @@ class DatasetSpec(Section):
     path: str | None = None
     # Name used to keep comparison groups within one dataset; defaults to the format name.
     name: str | None = None
+    # Image folder (relative to the dataset folder, or absolute); null = the format's usual layout.
+    image_dir: str | None = None
+    # Direction of the raw label; null = the format's documented direction (see iqa/formats.py).
+    higher_is_better: bool | None = None
 
 
 class DataConfig(Section):
@@ -58,6 +62,11 @@ class DataConfig(Section):
     # Built-in benchmark made from scikit-image's photographs.
     builtin_size: int = Field(112, ge=28)
     builtin_seed: int = 0
+    # Distortion families (names in iqa.builtin.DISTORTIONS) and strength levels per family.
+    builtin_families: list[str] = Field(
+        default_factory=lambda: ["blur", "noise", "jpeg", "contrast", "pixelate"]
+    )
+    builtin_levels: int = Field(5, ge=2)
     cache_dir: str = ".cache/vqr1"
 
     @model_validator(mode="after")
@@ -105,9 +114,13 @@ class RewardConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
         if self.score_range[0] >= self.score_range[1]:
-            raise ValueError(f"reward.score_range must be (low, high) with low < high, got {self.score_range}")
+            raise ValueError(
+                f"reward.score_range must be (low, high) with low < high, got {self.score_range}"
+            )
         if self.fidelity_weight == 0 and self.format_weight == 0:
-            raise ValueError("reward.fidelity_weight and reward.format_weight are both 0: nothing to learn from")
+            raise ValueError(
+                "reward.fidelity_weight and reward.format_weight are both 0: nothing to learn from"
+            )
         return self
 
 

@@ -30,7 +30,9 @@ class BatchRewards:
         # Spread of the G scores of one image: the signal the fidelity reward feeds on.
         with np.errstate(invalid="ignore"):
             counts = self.parse_ok.sum(axis=1)
-            spread = np.nanstd(valid_scores[counts > 1], axis=1, ddof=1) if (counts > 1).any() else np.zeros(1)
+            spread = (
+                np.nanstd(valid_scores[counts > 1], axis=1, ddof=1) if (counts > 1).any() else np.zeros(1)
+            )
         return {
             "reward/total_mean": float(self.total.mean()),
             "reward/total_std": float(self.total.std()),

@@ -98,7 +98,9 @@ def test_aggregations_differ_exactly_as_defined_on_unequal_lengths():
     # A global normalizer makes micro-batches add up to the whole batch's value.
     halves = [aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean", normalizer=5.0) for i in (0, 1)]
     assert sum(h.item() for h in halves) == pytest.approx(1.6)
-    halves = [aggregate(per_token[i : i + 1], mask[i : i + 1], "sequence_mean", normalizer=2.0) for i in (0, 1)]
+    halves = [
+        aggregate(per_token[i : i + 1], mask[i : i + 1], "sequence_mean", normalizer=2.0) for i in (0, 1)
+    ]
     assert sum(h.item() for h in halves) == pytest.approx(2.5)
 
 

@@ -1,0 +1,83 @@
+"""Run checkpoints: written to a temporary folder, renamed when complete, with a manifest of checksums.
+
+Layout of `<checkpoint.dir>/step-000020/`: `policy/` (Hugging Face format, loadable by transformers and
+vLLM), `engine/` (DeepSpeed optimizer and scheduler state of every rank), `state.json` (step, data
+position, RNG state, MLflow run id) and `manifest.json` (size and sha256 of every file). At resume the
+newest checkpoint whose files all match the manifest wins; a damaged one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+STATE = "state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-step-{step:06d}"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file matches the manifest, else the reason it does not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (incomplete checkpoint)"
+    try:
+        entries = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        return f"unreadable manifest: {exc}"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def commit(root: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Finish a checkpoint the learners wrote into staging_dir(root, step): state, manifest, rename, prune."""
+    staging = staging_dir(root, step)
+    (staging / STATE).write_text(json.dumps(state, indent=1))
+    write_manifest(staging)
+    final = step_dir(root, step)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_valid(root: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that passes verification, with its state; damaged ones are logged."""
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        problem = verify(folder)
+        if problem is None:
+            return folder, json.loads((folder / STATE).read_text())
+        log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None

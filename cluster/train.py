@@ -1,0 +1,430 @@
+"""The driver: one GRPO loop over Ray actors, read top to bottom.
+
+    python -m cluster.train --config cpu-default [section.key=value ...]
+    ray job submit --working-dir . -- python -m cluster.train --config gpu-7b-1node
+
+Each step: sample a batch of images (one dataset) -> the rollout workers generate G completions per
+image -> the reward actor scores the WHOLE batch -> group advantages -> the learners run mu GRPO updates
+-> the new weights are pushed into every rollout worker -> metrics go to MLflow and one console line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster.runtime_env import apply_default_env
+
+log = logging.getLogger("vqr1.train")
+
+
+@dataclass
+class System:
+    """The actors of one run."""
+
+    rollout_workers: list
+    reward: object
+    learners: list
+    placement_group: object
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class RemoteCallError(RuntimeError):
+    """A remote call that failed or timed out, naming the actor, the phase and the step."""
+
+
+def wait(refs, config, phase: str, step: int, actor: str):
+    import ray
+
+    try:
+        return ray.get(refs, timeout=config.cluster.call_timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RemoteCallError(
+            f"step {step}, phase {phase}: {actor} did not answer within cluster.call_timeout_s="
+            f"{config.cluster.call_timeout_s:g}s"
+        ) from exc
+    except ray.exceptions.RayActorError as exc:
+        raise RemoteCallError(f"step {step}, phase {phase}: {actor} died: {exc}") from exc
+
+
+def start_ray(config, env_vars: dict[str, str]) -> None:
+    import os
+
+    import ray
+
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=config.cluster.num_cpus,
+            include_dashboard=False,
+            _node_ip_address=config.cluster.host,
+            runtime_env=runtime_env,
+        )
+
+
+def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:
+    """Reserve the bundles (rollout and learner on separate ones unless colocated), then create the actors."""
+    import ray
+    from actor.rollout_actor import create_rollout_worker
+    from learner.learner_actor import create_learner_group
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rewards.reward_actor import create_reward_worker
+
+    cluster = config.cluster
+
+    def bundle(*placements):
+        cpus = sum(p.num_cpus for p in placements)
+        gpus = sum(p.num_gpus for p in placements)
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    num_rollout, num_learner = config.rollout.num_workers, config.learner.num_workers
+    if cluster.placement == "colocate":
+        shared = max(num_rollout, num_learner)
+        bundles = [bundle(cluster.rollout, cluster.learner) for _ in range(shared)]
+        rollout_bundles, learner_bundles = list(range(num_rollout)), list(range(num_learner))
+    else:
+        bundles = [bundle(cluster.rollout) for _ in range(num_rollout)]
+        bundles += [bundle(cluster.learner) for _ in range(num_learner)]
+        rollout_bundles = list(range(num_rollout))
+        learner_bundles = list(range(num_rollout, num_rollout + num_learner))
+    bundles = [b if b["CPU"] > 0 or "GPU" in b else {"CPU": 0.01} for b in bundles]
+    group = placement_group(bundles, strategy="PACK")
+    ray.get(group.ready(), timeout=cluster.call_timeout_s)
+
+    def in_bundle(index: int) -> dict:
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        }
+
+    rollout_workers = [
+        create_rollout_worker(model_path, config.model, config.rollout, cluster.rollout, **in_bundle(i))
+        for i in rollout_bundles
+    ]
+    reward = create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
+    learners = create_learner_group(config, model_path, [in_bundle(i) for i in learner_bundles])
+    return System(rollout_workers, reward, learners, group)
+
+
+def shard(items: list, parts: int) -> list[list]:
+    """Split items into `parts` contiguous, nearly equal shards (order kept)."""
+    return [[items[i] for i in chunk] for chunk in np.array_split(np.arange(len(items)), parts)]
+
+
+def load_data(config):
+    """Train and eval splits, split by reference; bad rows stop the run or are reported and skipped."""
+    from iqa.splits import load_splits
+
+    train_splits, train_report = load_splits(config.data.train, config.data)
+    eval_splits, eval_report = load_splits(config.data.eval, config.data)
+    for report in (train_report, eval_report):
+        if report.bad:
+            log.warning("\n".join(report.lines()))
+    eval_split = eval_splits[config.eval.split]
+    if config.eval.max_images is not None and len(eval_split) > config.eval.max_images:
+        eval_split = eval_split.shuffle(seed=config.data.split_seed).select(range(config.eval.max_images))
+    return train_splits["train"], eval_split, train_report.merge(eval_report)
+
+
+def read_images(paths: list[str]) -> list[bytes]:
+    """Encoded image files: each image travels once per step as its bytes, never as G pixel copies."""
+    return [Path(p).read_bytes() for p in paths]
+
+
+def generate(system: System, config, images: list[bytes], step: int) -> list:
+    """G completions per image, the batch split across the rollout workers."""
+    shards = shard(list(range(len(images))), len(system.rollout_workers))
+    refs = [
+        worker.generate.remote(
+            [images[i] for i in indices], config.rollout.num_generations, seed=config.rollout.seed + step
+        )
+        for worker, indices in zip(system.rollout_workers, shards, strict=True)
+    ]
+    per_worker = wait(refs, config, "generate", step, "rollout workers")
+    return [rollout for rollouts in per_worker for rollout in rollouts]
+
+
+def update(
+    system: System, config, images: list[bytes], prompt: str, rollouts: list, advantages, step: int
+) -> dict:
+    """mu GRPO updates on the learners; each rank gets a contiguous shard of the images."""
+    from learner.policy import PolicySample
+
+    samples = [
+        PolicySample(image=image, prompt=prompt, completions=[c.token_ids for c in rollout.completions])
+        for image, rollout in zip(images, rollouts, strict=True)
+    ]
+    total_sequences = sum(len(s.completions) for s in samples)
+    total_tokens = sum(len(ids) for s in samples for ids in s.completions)
+    shards = shard(list(range(len(samples))), len(system.learners))
+    refs = [
+        learner.train_step.remote(
+            [samples[i] for i in indices],
+            [advantages[i].tolist() for i in indices],
+            config.learner.num_iterations,
+            total_sequences,
+            total_tokens,
+        )
+        for learner, indices in zip(system.learners, shards, strict=True)
+    ]
+    per_rank = wait(refs, config, "update", step, "learners")
+    return per_rank[0]  # rank 0 reports the globally reduced metrics
+
+
+def push_weights(system: System, config, step: int) -> None:
+    """Gather the policy from the learners (every rank takes part) and load it into every rollout worker."""
+    import ray
+
+    gathered = wait(
+        [learner.weight_buckets.remote() for learner in system.learners],
+        config,
+        "weight push",
+        step,
+        "learners",
+    )
+    buckets = ray.put(gathered[0])
+    wait(
+        [w.update_weights.remote(buckets) for w in system.rollout_workers],
+        config,
+        "weight push",
+        step,
+        "rollout workers",
+    )
+
+
+def evaluate(system: System, config, eval_split, tracker, label: str, step: int) -> dict:
+    """Score the held-out split through the rollout workers (the current policy) and log the metrics."""
+    from iqa.evaluate import run_evaluation
+
+    def score_images(images) -> list[list[float | None]]:
+        shards = shard(list(images), len(system.rollout_workers))
+        refs = [
+            worker.generate.remote(
+                part,
+                config.eval.num_samples,
+                temperature=config.eval.temperature,
+                thinking=config.eval.thinking,
+                seed=config.rollout.seed,
+            )
+            for worker, part in zip(system.rollout_workers, shards, strict=True)
+            if part
+        ]
+        per_worker = wait(refs, config, f"evaluation ({label})", step, "rollout workers")
+        return [
+            [c.score if c.parse_ok else None for c in rollout.completions]
+            for rollouts in per_worker
+            for rollout in rollouts
+        ]
+
+    out_dir = Path(config.train.output_dir) / f"eval-{label}"
+    metrics = run_evaluation(
+        eval_split,
+        score_images,
+        out_dir,
+        num_samples=config.eval.num_samples,
+        temperature=config.eval.temperature,
+        thinking=config.eval.thinking,
+        bootstrap=config.eval.bootstrap,
+        mlflow_run=tracker.run,
+        prefix=f"eval_{label}",
+        step=step,
+    )
+    return metrics
+
+
+def sample_rows(step: int, ids: list[str], rollouts: list, rewards, limit: int = 4) -> list[dict]:
+    rows = []
+    for i, (image_id, rollout) in enumerate(zip(ids[:limit], rollouts[:limit], strict=True)):
+        completion = rollout.completions[0]
+        rows.append(
+            {
+                "step": step,
+                "image_id": image_id,
+                "score": float(rewards.scores[i, 0]),
+                "reward": float(rewards.total[i, 0]),
+                "completion": completion.text,
+            }
+        )
+    return rows
+
+
+def step_line(step: int, steps: int, metrics: dict) -> str:
+    return (
+        f"step {step + 1}/{steps} | reward {metrics['reward/total_mean']:.3f} "
+        f"(fidelity {metrics['reward/fidelity_mean']:.3f}, format {metrics['reward/format_mean']:.2f}) | "
+        f"parse fail {metrics['reward/parse_failure_rate']:.2f} | spread {metrics['score/spread_within_image']:.2f} | "
+        f"kl {metrics['learner/kl']:.4f} | loss {metrics['learner/loss']:+.4f} | "
+        f"gen {metrics['time/generate_s']:.1f}s upd {metrics['time/update_s']:.1f}s "
+        f"push {metrics['time/weight_push_s']:.2f}s | {metrics['perf/rollout_tokens_per_s']:.0f} tok/s"
+    )
+
+
+def save_checkpoint(system: System, config, step: int, sampler, tracker) -> Path:
+    from cluster import checkpoints
+
+    root = Path(config.checkpoint.dir)
+    staging = checkpoints.staging_dir(root, step)
+    wait(
+        [learner.save_checkpoint.remote(str(staging)) for learner in system.learners],
+        config,
+        "checkpoint",
+        step,
+        "learners",
+    )
+    state = {"step": step, "sampler": vars(sampler.state), "mlflow_run_id": tracker.run_id}
+    return checkpoints.commit(root, step, state, config.checkpoint.keep_last)
+
+
+def run(config) -> dict:
+    """Train; returns the evaluation before and after."""
+    import torch
+
+    from actor.prompts import build_prompt_text
+    from cluster import checkpoints
+    from cluster.batches import DatasetBatchSampler, SamplerState
+    from cluster.tracking import Tracker
+    from learner.grpo import group_advantages
+    from learner.model_factory import load_processor, resolve_model_path
+
+    env = apply_default_env()
+    model_path = resolve_model_path(config.model, Path(config.data.cache_dir) / "models")
+    train_split, eval_split, data_report = load_data(config)
+    labels = {
+        row["id"]: (row["mos"], row["dataset"])
+        for row in train_split.select_columns(["id", "mos", "dataset"])
+    }
+    sampler = DatasetBatchSampler(train_split["dataset"], config.train.images_per_step, config.train.seed)
+    prompt = build_prompt_text(
+        load_processor(model_path, config.model.min_pixels, config.model.max_pixels), config.rollout.thinking
+    )
+
+    resume = checkpoints.latest_valid(Path(config.checkpoint.dir)) if config.checkpoint.resume else None
+    start_ray(config, env)
+    system = create_system(config, model_path, labels)
+    tracker = Tracker(config, run_id=resume[1]["mlflow_run_id"] if resume else None)
+    start_step = 0
+    if resume:
+        folder, state = resume
+        wait(
+            [learner.load_checkpoint.remote(str(folder)) for learner in system.learners],
+            config,
+            "resume",
+            state["step"],
+            "learners",
+        )
+        push_weights(system, config, state["step"])
+        sampler.state = SamplerState(**state["sampler"])
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", folder, start_step)
+    else:
+        tracker.log_table([{"report": line} for line in data_report.lines()], "data_report.json")
+    print(
+        f"model {model_path} | {len(train_split)} training images, {len(eval_split)} held-out | {tracker.describe()}"
+    )
+
+    before = evaluate(system, config, eval_split, tracker, "before", start_step) if not resume else None
+    for step in range(start_step, config.train.steps):
+        timer = PhaseTimer()
+        batch = sampler.next_batch()
+        ids = [train_split[int(i)]["id"] for i in batch]
+        images = read_images([train_split[int(i)]["image"] for i in batch])
+
+        with timer("generate"):
+            rollouts = generate(system, config, images, step)
+        with timer("reward"):
+            texts = [[c.text for c in rollout.completions] for rollout in rollouts]
+            rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
+        advantages = group_advantages(torch.from_numpy(rewards.total), config.learner.advantage)
+        with timer("update"):
+            learner_metrics = update(system, config, images, prompt, rollouts, advantages, step)
+        with timer("weight_push"):
+            push_weights(system, config, step)
+
+        num_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
+        metrics = {
+            **rewards.metrics(),
+            **{f"learner/{k}": v for k, v in learner_metrics.items()},
+            "advantage/mean": float(advantages.mean()),
+            "advantage/std": float(advantages.std()),
+            "advantage/abs_max": float(advantages.abs().max()),
+            "response/length_mean": num_tokens / max(1, sum(len(r.completions) for r in rollouts)),
+            "perf/rollout_tokens_per_s": num_tokens / max(timer.seconds["generate"], 1e-9),
+            **{f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
+            "time/step_s": sum(timer.seconds.values()),
+        }
+        tracker.log_metrics(metrics, step=step + 1)
+        print(step_line(step, config.train.steps, metrics), flush=True)
+        if step % config.tracking.sample_table_every == 0:
+            tracker.log_table(
+                sample_rows(step + 1, ids, rollouts, rewards), f"samples/step-{step + 1:06d}.json"
+            )
+        if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
+            evaluate(system, config, eval_split, tracker, f"step{step + 1}", step + 1)
+        if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0:
+            save_checkpoint(system, config, step + 1, sampler, tracker)
+
+    final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
+    after = evaluate(system, config, eval_split, tracker, "after", config.train.steps)
+    print_summary(before, after, final, tracker)
+    tracker.finish()
+    return {"before": before, "after": after, "checkpoint": str(final), "mlflow_run_id": tracker.run_id}
+
+
+def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -> None:
+    keys = ["srcc", "plcc", "krcc", "rmse", "parse_failure_rate"]
+    print("\nheld-out evaluation      before      after")
+    for key in keys:
+        old = f"{before[key]:.3f}" if before and key in before else "   -"
+        new = f"{after[key]:.3f}" if key in after else "   -"
+        print(f"  {key:<22}{old:>8}{new:>11}")
+    print(f"policy checkpoint: {checkpoint / 'policy'}\n{tracker.describe()}")
+
+
+def main_from_args(args) -> int:
+    from configs.load import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    result = run(config)
+    Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(config.train.output_dir) / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="cpu-default", help="a preset name in configs/ or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. learner.lr=1e-6")
+    return main_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
