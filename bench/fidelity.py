@@ -34,11 +34,11 @@ def loop_fidelity(scores: np.ndarray, mos: np.ndarray) -> np.ndarray:
     return out
 
 
-def best_of(fn, repeats: int) -> float:
+def best_of(fn, args: tuple, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -52,8 +52,8 @@ def main() -> list[dict]:
         scores = rng.uniform(1, 5, size=(num_images, 8)).round(2)
         mos = rng.uniform(1, 5, size=num_images)
         groups = np.zeros(num_images, dtype=int)
-        loop_s = best_of(lambda: loop_fidelity(scores, mos), 1 if num_images > 64 else 3)
-        vec_s = best_of(lambda: fidelity_reward(scores, mos, groups), 5)
+        loop_s = best_of(loop_fidelity, (scores, mos), 1 if num_images > 64 else 3)
+        vec_s = best_of(fidelity_reward, (scores, mos, groups), 5)
         diff = float(np.abs(loop_fidelity(scores, mos) - fidelity_reward(scores, mos, groups)).max())
         rows.append(
             {"B": num_images, "G": 8, "loop_s": loop_s, "vectorised_s": vec_s, "speedup": loop_s / vec_s}

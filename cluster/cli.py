@@ -10,9 +10,8 @@ from cluster.runtime_env import apply_default_env
 
 def build_parser() -> argparse.ArgumentParser:
     from actor.score_cli import add_score_parser
-    from iqa.data_check import add_data_parser
-
     from cluster.evaluate_cli import add_eval_parser
+    from iqa.data_check import add_data_parser
 
     parser = argparse.ArgumentParser(
         prog="vqr1", description="VisualQuality-R1: reasoning image-quality assessment"

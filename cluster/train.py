@@ -86,11 +86,11 @@ def start_ray(config, env_vars: dict[str, str]) -> None:
 def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:
     """Reserve the bundles (rollout and learner on separate ones unless colocated), then create the actors."""
     import ray
-    from actor.rollout_actor import create_rollout_worker
-    from learner.learner_actor import create_learner_group
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from actor.rollout_actor import create_rollout_worker
+    from learner.learner_actor import create_learner_group
     from rewards.reward_actor import create_reward_worker
 
     cluster = config.cluster
@@ -146,6 +146,11 @@ def load_data(config):
     if config.eval.max_images is not None and len(eval_split) > config.eval.max_images:
         eval_split = eval_split.shuffle(seed=config.data.split_seed).select(range(config.eval.max_images))
     return train_splits["train"], eval_split, train_report.merge(eval_report)
+
+
+def rollout_scores(rollouts) -> list[list[float | None]]:
+    """Per image, the parsed score of each sample (None where it did not parse)."""
+    return [[c.score if c.parse_ok else None for c in rollout.completions] for rollout in rollouts]
 
 
 def read_images(paths: list[str]) -> list[bytes]:
@@ -232,11 +237,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
             if part
         ]
         per_worker = wait(refs, config, f"evaluation ({label})", step, "rollout workers")
-        return [
-            [c.score if c.parse_ok else None for c in rollout.completions]
-            for rollouts in per_worker
-            for rollout in rollouts
-        ]
+        return rollout_scores([rollout for rollouts in per_worker for rollout in rollouts])
 
     out_dir = Path(config.train.output_dir) / f"eval-{label}"
     metrics = run_evaluation(
@@ -298,14 +299,13 @@ def save_checkpoint(system: System, config, step: int, sampler, tracker) -> Path
 
 
 def run(config) -> dict:
-    """Train; returns the evaluation before and after."""
-    import torch
+    """Train; returns the evaluation before and after, the final checkpoint and the MLflow run id."""
+    import ray
 
     from actor.prompts import build_prompt_text
     from cluster import checkpoints
     from cluster.batches import DatasetBatchSampler, SamplerState
     from cluster.tracking import Tracker
-    from learner.grpo import group_advantages
     from learner.model_factory import load_processor, resolve_model_path
 
     env = apply_default_env()
@@ -316,80 +316,126 @@ def run(config) -> dict:
         for row in train_split.select_columns(["id", "mos", "dataset"])
     }
     sampler = DatasetBatchSampler(train_split["dataset"], config.train.images_per_step, config.train.seed)
-    prompt = build_prompt_text(
-        load_processor(model_path, config.model.min_pixels, config.model.max_pixels), config.rollout.thinking
-    )
-
+    processor = load_processor(model_path, config.model.min_pixels, config.model.max_pixels)
+    prompt = build_prompt_text(processor, config.rollout.thinking)
     resume = checkpoints.latest_valid(Path(config.checkpoint.dir)) if config.checkpoint.resume else None
+
     start_ray(config, env)
-    system = create_system(config, model_path, labels)
-    tracker = Tracker(config, run_id=resume[1]["mlflow_run_id"] if resume else None)
-    start_step = 0
-    if resume:
-        folder, state = resume
-        wait(
-            [learner.load_checkpoint.remote(str(folder)) for learner in system.learners],
-            config,
-            "resume",
-            state["step"],
-            "learners",
+    tracker = None
+    try:
+        system = create_system(config, model_path, labels)
+        tracker = Tracker(config, run_id=resume[1]["mlflow_run_id"] if resume else None)
+        start_step = 0
+        if resume:
+            folder, state = resume
+            start_step = state["step"]
+            loads = [learner.load_checkpoint.remote(str(folder)) for learner in system.learners]
+            wait(loads, config, "resume", start_step, "learners")
+            push_weights(system, config, start_step)
+            sampler.state = SamplerState(**state["sampler"])
+            print(f"resumed from {folder} at step {start_step}")
+        else:
+            tracker.log_table([{"report": line} for line in data_report.lines()], "data_report.json")
+        print(
+            f"model {model_path} | {len(train_split)} training images, {len(eval_split)} held-out | {tracker.describe()}"
         )
-        push_weights(system, config, state["step"])
-        sampler.state = SamplerState(**state["sampler"])
-        start_step = state["step"]
-        log.info("resumed from %s at step %d", folder, start_step)
-    else:
-        tracker.log_table([{"report": line} for line in data_report.lines()], "data_report.json")
-    print(
-        f"model {model_path} | {len(train_split)} training images, {len(eval_split)} held-out | {tracker.describe()}"
-    )
 
-    before = evaluate(system, config, eval_split, tracker, "before", start_step) if not resume else None
-    for step in range(start_step, config.train.steps):
-        timer = PhaseTimer()
-        batch = sampler.next_batch()
-        ids = [train_split[int(i)]["id"] for i in batch]
-        images = read_images([train_split[int(i)]["image"] for i in batch])
+        before = None if resume else evaluate(system, config, eval_split, tracker, "before", 0)
+        for step in range(start_step, config.train.steps):
+            batch = [train_split[int(i)] for i in sampler.next_batch()]
+            metrics = grpo_step(system, config, step, batch, prompt, tracker)
+            print(step_line(step, config.train.steps, metrics), flush=True)
+            if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
+                evaluate(system, config, eval_split, tracker, f"step{step + 1}", step + 1)
+            if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0:
+                save_checkpoint(system, config, step + 1, sampler, tracker)
 
-        with timer("generate"):
-            rollouts = generate(system, config, images, step)
-        with timer("reward"):
-            texts = [[c.text for c in rollout.completions] for rollout in rollouts]
-            rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
-        advantages = group_advantages(torch.from_numpy(rewards.total), config.learner.advantage)
-        with timer("update"):
-            learner_metrics = update(system, config, images, prompt, rollouts, advantages, step)
-        with timer("weight_push"):
-            push_weights(system, config, step)
+        final = checkpoints.step_dir(Path(config.checkpoint.dir), config.train.steps)
+        if not final.is_dir():
+            final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
+        after = evaluate(system, config, eval_split, tracker, "after", config.train.steps)
+        print_summary(before, after, final, tracker)
+        tracker.finish()
+        return {"before": before, "after": after, "checkpoint": str(final), "mlflow_run_id": tracker.run_id}
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(status="FAILED")
+        raise
+    finally:
+        ray.shutdown()
 
-        num_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
-        metrics = {
-            **rewards.metrics(),
-            **{f"learner/{k}": v for k, v in learner_metrics.items()},
-            "advantage/mean": float(advantages.mean()),
-            "advantage/std": float(advantages.std()),
-            "advantage/abs_max": float(advantages.abs().max()),
-            "response/length_mean": num_tokens / max(1, sum(len(r.completions) for r in rollouts)),
-            "perf/rollout_tokens_per_s": num_tokens / max(timer.seconds["generate"], 1e-9),
-            **{f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
-            "time/step_s": sum(timer.seconds.values()),
-        }
-        tracker.log_metrics(metrics, step=step + 1)
-        print(step_line(step, config.train.steps, metrics), flush=True)
-        if step % config.tracking.sample_table_every == 0:
-            tracker.log_table(
-                sample_rows(step + 1, ids, rollouts, rewards), f"samples/step-{step + 1:06d}.json"
-            )
-        if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
-            evaluate(system, config, eval_split, tracker, f"step{step + 1}", step + 1)
-        if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0:
-            save_checkpoint(system, config, step + 1, sampler, tracker)
 
-    final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
-    after = evaluate(system, config, eval_split, tracker, "after", config.train.steps)
-    print_summary(before, after, final, tracker)
-    tracker.finish()
-    return {"before": before, "after": after, "checkpoint": str(final), "mlflow_run_id": tracker.run_id}
+def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str, tracker) -> dict:
+    """One GRPO step: generate -> reward -> advantages -> update -> push weights -> log."""
+    import torch
+
+    from learner.grpo import group_advantages
+
+    timer = PhaseTimer()
+    ids = [row["id"] for row in batch]
+    images = read_images([row["image"] for row in batch])
+
+    with timer("generate"):
+        rollouts = generate(system, config, images, step)
+    with timer("reward"):
+        texts = [[c.text for c in rollout.completions] for rollout in rollouts]
+        rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
+    advantages = group_advantages(torch.from_numpy(rewards.total), config.learner.advantage)
+    with timer("update"):
+        learner_metrics = update(system, config, images, prompt, rollouts, advantages, step)
+    with timer("weight_push"):
+        push_weights(system, config, step)
+
+    num_completions = sum(len(r.completions) for r in rollouts)
+    num_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
+    metrics = {
+        **rewards.metrics(),
+        **{f"learner/{k}": v for k, v in learner_metrics.items() if not k.endswith("_s")},
+        **{f"time/{k}": v for k, v in learner_metrics.items() if k.endswith("_s")},
+        "advantage/mean": float(advantages.mean()),
+        "advantage/std": float(advantages.std()),
+        "advantage/abs_max": float(advantages.abs().max()),
+        "response/length_mean": num_tokens / max(1, num_completions),
+        "response/truncated_rate": sum(c.truncated for r in rollouts for c in r.completions)
+        / max(1, num_completions),
+        "perf/rollout_tokens_per_s": num_tokens / max(timer.seconds["generate"], 1e-9),
+        **{f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
+        "time/step_s": sum(timer.seconds.values()),
+    }
+    if config.train.verify_weight_sync:
+        metrics["sync/max_abs_logprob_diff"] = weight_sync_gap(system, config, images[0], prompt, step)
+    tracker.log_metrics(metrics, step=step + 1)
+    log_trained_images(config, step + 1, ids)
+    if step % config.tracking.sample_table_every == 0:
+        tracker.log_table(sample_rows(step + 1, ids, rollouts, rewards), f"samples/step-{step + 1:06d}.json")
+    return metrics
+
+
+def weight_sync_gap(system: System, config, image: bytes, prompt: str, step: int) -> float:
+    """Largest |log-prob difference| between each rollout worker and the learner on a greedy completion."""
+    from learner.policy import PolicySample
+
+    gaps = []
+    for worker in system.rollout_workers:
+        (rollout,) = wait(
+            worker.generate.remote([image], 1, temperature=0.0), config, "sync check", step, "rollout worker"
+        )
+        completion = rollout.completions[0]
+        sample = PolicySample(image=image, prompt=prompt, completions=[completion.token_ids])
+        # Every rank takes part (a ZeRO-3 forward is collective); rank 0's answer is used.
+        refs = [learner.logprobs.remote([sample]) for learner in system.learners]
+        per_rank = wait(refs, config, "sync check", step, "learners")
+        learner_logprobs = per_rank[0][0][0]
+        gaps.append(max(abs(a - b) for a, b in zip(completion.logprobs, learner_logprobs, strict=True)))
+    return max(gaps)
+
+
+def log_trained_images(config, step: int, ids: list[str]) -> None:
+    """Append the step's image ids to <output_dir>/trained_images.jsonl (resume exactness is checked on it)."""
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "trained_images.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": step, "image_ids": ids}) + "\n")
 
 
 def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -> None:

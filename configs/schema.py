@@ -194,6 +194,8 @@ class TrainConfig(Section):
     steps: int = Field(10, ge=1)
     seed: int = 0
     output_dir: str = "outputs"
+    # After each weight push, compare rollout worker 0's greedy log-probs with the learner's on one image.
+    verify_weight_sync: bool = False
 
 
 class Config(Section):

@@ -1,0 +1,204 @@
+"""The whole system on the cpu-tiny preset: real Ray, real vLLM CPU engine, DeepSpeed ZeRO-2 over gloo
+with 2 ranks, the reward actor and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from configs.load import load_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+STEP_METRICS = [
+    "reward/total_mean",
+    "reward/total_std",
+    "reward/fidelity_mean",
+    "reward/fidelity_std",
+    "reward/format_mean",
+    "reward/format_std",
+    "reward/parse_failure_rate",
+    "score/spread_within_image",
+    "advantage/mean",
+    "advantage/std",
+    "learner/loss",
+    "learner/kl",
+    "learner/clip_fraction",
+    "learner/grad_norm",
+    "learner/lr",
+    "response/length_mean",
+    "perf/rollout_tokens_per_s",
+    "time/generate_s",
+    "time/reward_s",
+    "time/logprob_s",
+    "time/update_s",
+    "time/weight_push_s",
+    "sync/max_abs_logprob_diff",
+]
+
+
+def tiny_overrides(tmp_path: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        f"train.steps={steps}",
+        f"train.output_dir={tmp_path / 'out'}",
+        f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"data.cache_dir={ROOT / '.cache' / 'vqr1'}",
+        *extra,
+    ]
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
+    return mlflow.tracking.MlflowClient(tracking_uri).get_metric_history(run_id, key)
+
+
+def trained_batches(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "trained_images.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """A 3-step cpu-tiny run with a checkpoint after every step and weight-sync checks."""
+    from cluster.train import run
+
+    tmp_path = tmp_path_factory.mktemp("run")
+    config = load_config(
+        "cpu-tiny", tiny_overrides(tmp_path, 3, "checkpoint.every=1", "train.verify_weight_sync=true")
+    )
+    return tmp_path, config, run(config)
+
+
+def test_tiny_run_logs_every_metric_for_every_step(first_run):
+    tmp_path, config, result = first_run
+    uri = config.tracking.tracking_uri
+    for key in STEP_METRICS:
+        steps = [m.step for m in metric_history(uri, result["mlflow_run_id"], key)]
+        assert steps == [1, 2, 3], f"{key} logged at steps {steps}"
+    run = mlflow.tracking.MlflowClient(uri).get_run(result["mlflow_run_id"])
+    assert run.data.params["rollout.num_generations"] == "4"
+    assert "eval_before/srcc" in run.data.metrics and "eval_after/srcc" in run.data.metrics
+    assert result["before"] is not None and "srcc" in result["after"]
+
+
+def test_pushed_weights_equal_the_learners_after_every_step(first_run):
+    _, config, result = first_run
+    history = metric_history(
+        config.tracking.tracking_uri, result["mlflow_run_id"], "sync/max_abs_logprob_diff"
+    )
+    assert len(history) == 3
+    # fp32 on both sides: vLLM's log-probs of its greedy tokens equal the learner's.
+    assert all(m.value < 1e-3 for m in history), [m.value for m in history]
+
+
+def test_final_checkpoint_is_complete_and_loadable(first_run):
+    from transformers import AutoModelForImageTextToText
+
+    from cluster.checkpoints import latest_valid
+
+    tmp_path, _, result = first_run
+    folder, state = latest_valid(tmp_path / "checkpoints")
+    assert state["step"] == 3 and folder.name == "step-000003"
+    AutoModelForImageTextToText.from_pretrained(folder / "policy")
+
+
+def test_resume_continues_with_the_same_next_batch(first_run, tmp_path):
+    """Stop after step 2 of a fresh run, resume to step 3: the batches equal the uninterrupted run's."""
+    import shutil
+
+    from cluster.train import run
+
+    first_tmp, _, _ = first_run
+    uninterrupted = trained_batches(first_tmp / "out")
+    # The checkpoint after step 2 of the first run, as if the job had died right after it.
+    shutil.copytree(first_tmp / "checkpoints" / "step-000002", tmp_path / "checkpoints" / "step-000002")
+    shutil.copy(first_tmp / "mlflow.db", tmp_path / "mlflow.db")
+    config = load_config("cpu-tiny", tiny_overrides(tmp_path, 3, "checkpoint.resume=true"))
+    result = run(config)
+    resumed = trained_batches(tmp_path / "out")
+    assert [b["step"] for b in resumed] == [3]
+    assert resumed[0]["image_ids"] == uninterrupted[2]["image_ids"]
+    assert result["before"] is None  # a resumed run does not evaluate "before" again
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_tiny_job(tmp_path):
+    """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards."""
+    bin_dir = Path(sys.executable).parent
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.run(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert head.returncode == 0, head.stderr
+    try:
+        job = subprocess.run(
+            [
+                str(bin_dir / "ray"),
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dashboard_port}",
+                f"--working-dir={ROOT}",
+                "--",
+                sys.executable,
+                "-m",
+                "cluster.train",
+                "--config",
+                "cpu-tiny",
+                *tiny_overrides(tmp_path, 1),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        assert "step 1/1" in job.stdout
+        assert (tmp_path / "checkpoints" / "step-000001" / "manifest.json").is_file()
+    finally:
+        stop_processes_of(tmp_path / "ray")
+
+
+def stop_processes_of(temp_dir: Path) -> None:
+    """Stop the head this test started, by the PIDs of the processes that use its temp dir (not `ray stop`,
+    which would stop every Ray session on the machine)."""
+    import psutil
+
+    ours = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
+            ours.append(process)
+    for process in ours:
+        process.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    for process in alive:
+        process.kill()
+    assert ours, "found no process of the Ray head this test started"
