@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ class System:
     reward: object
     learners: list
     placement_group: object
+    # make_rollout_worker(i) creates rollout worker i in its bundle (to replace a dead one).
+    make_rollout_worker: Callable[[int], object]
+    rollout_restarts: int = 0
 
 
 class PhaseTimer:
@@ -119,13 +123,27 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
             "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
         }
 
-    rollout_workers = [
-        create_rollout_worker(model_path, config.model, config.rollout, cluster.rollout, **in_bundle(i))
-        for i in rollout_bundles
-    ]
+    def make_rollout_worker(index: int):
+        return create_rollout_worker(
+            model_path, config.model, config.rollout, cluster.rollout, **in_bundle(rollout_bundles[index])
+        )
+
+    rollout_workers = [make_rollout_worker(i) for i in range(num_rollout)]
     reward = create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
-    learners = create_learner_group(config, model_path, [in_bundle(i) for i in learner_bundles])
-    return System(rollout_workers, reward, learners, group)
+    learners = create_learner_group(
+        num_learner,
+        cluster.learner,
+        model_path=model_path,
+        model=config.model,
+        learner=config.learner,
+        train_batch_size=config.train.images_per_step * config.rollout.num_generations,
+        total_steps=config.train.steps,
+        temperature=config.rollout.temperature,
+        placement_group=group,
+        bundle_indices=learner_bundles,
+        timeout_s=cluster.call_timeout_s,
+    )
+    return System(rollout_workers, reward, learners, group, make_rollout_worker)
 
 
 def shard(items: list, parts: int) -> list[list]:
@@ -159,16 +177,50 @@ def read_images(paths: list[str]) -> list[bytes]:
 
 
 def generate(system: System, config, images: list[bytes], step: int) -> list:
-    """G completions per image, the batch split across the rollout workers."""
-    shards = shard(list(range(len(images))), len(system.rollout_workers))
-    refs = [
-        worker.generate.remote(
-            [images[i] for i in indices], config.rollout.num_generations, seed=config.rollout.seed + step
-        )
-        for worker, indices in zip(system.rollout_workers, shards, strict=True)
-    ]
-    per_worker = wait(refs, config, "generate", step, "rollout workers")
-    return [rollout for rollouts in per_worker for rollout in rollouts]
+    """G completions per image, the batch split across the rollout workers; a dead worker is replaced
+    (current weights loaded) and the step's generation redone, up to cluster.max_worker_restarts times."""
+    import ray
+
+    while True:
+        shards = shard(list(range(len(images))), len(system.rollout_workers))
+        refs = [
+            worker.generate.remote(
+                [images[i] for i in indices], config.rollout.num_generations, seed=config.rollout.seed + step
+            )
+            for worker, indices in zip(system.rollout_workers, shards, strict=True)
+        ]
+        try:
+            per_worker = wait(refs, config, "generate", step, "rollout workers")
+            return [rollout for rollouts in per_worker for rollout in rollouts]
+        except RemoteCallError as exc:
+            if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+                raise
+            replace_dead_rollout_workers(system, config, step, exc)
+
+
+def replace_dead_rollout_workers(system: System, config, step: int, cause: Exception) -> None:
+    import ray
+
+    dead = []
+    for index, worker in enumerate(system.rollout_workers):
+        try:
+            ray.get(worker.ping.remote(), timeout=config.cluster.call_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            dead.append(index)
+    if not dead:
+        raise cause
+    if system.rollout_restarts + len(dead) > config.cluster.max_worker_restarts:
+        raise RemoteCallError(
+            f"step {step}, phase generate: rollout worker(s) {dead} died and the "
+            f"cluster.max_worker_restarts={config.cluster.max_worker_restarts} restarts of this run are used up"
+        ) from cause
+    for index in dead:
+        log.warning("step %d: rollout worker %d died (%s); starting a replacement", step, index, cause)
+        ray.kill(system.rollout_workers[index], no_restart=True)
+        system.rollout_workers[index] = system.make_rollout_worker(index)
+        system.rollout_restarts += 1
+    # The replacement starts from the initial weights: load the learners' current ones.
+    push_weights(system, config, step, [system.rollout_workers[i] for i in dead])
 
 
 def update(
@@ -198,25 +250,20 @@ def update(
     return per_rank[0]  # rank 0 reports the globally reduced metrics
 
 
-def push_weights(system: System, config, step: int) -> None:
-    """Gather the policy from the learners (every rank takes part) and load it into every rollout worker."""
+def push_weights(system: System, config, step: int, workers: list | None = None) -> None:
+    """Gather the policy from the learners (every rank takes part) and load it into the rollout workers."""
     import ray
 
     gathered = wait(
-        [learner.weight_buckets.remote() for learner in system.learners],
+        [learner.weight_buckets.remote(config.learner.weight_bucket_bytes) for learner in system.learners],
         config,
         "weight push",
         step,
         "learners",
     )
     buckets = ray.put(gathered[0])
-    wait(
-        [w.update_weights.remote(buckets) for w in system.rollout_workers],
-        config,
-        "weight push",
-        step,
-        "rollout workers",
-    )
+    targets = system.rollout_workers if workers is None else workers
+    wait([w.update_weights.remote(buckets) for w in targets], config, "weight push", step, "rollout workers")
 
 
 def evaluate(system: System, config, eval_split, tracker, label: str, step: int) -> dict:
@@ -305,6 +352,7 @@ def run(config) -> dict:
     from actor.prompts import build_prompt_text
     from cluster import checkpoints
     from cluster.batches import DatasetBatchSampler, SamplerState
+    from cluster.curves import plot_training_curves
     from cluster.tracking import Tracker
     from learner.model_factory import load_processor, resolve_model_path
 
@@ -340,13 +388,19 @@ def run(config) -> dict:
             f"model {model_path} | {len(train_split)} training images, {len(eval_split)} held-out | {tracker.describe()}"
         )
 
+        history, srcc_at = [], {}
         before = None if resume else evaluate(system, config, eval_split, tracker, "before", 0)
+        if before:
+            srcc_at[0] = before["srcc"]
         for step in range(start_step, config.train.steps):
             batch = [train_split[int(i)] for i in sampler.next_batch()]
             metrics = grpo_step(system, config, step, batch, prompt, tracker)
+            history.append({"step": step + 1, **metrics})
             print(step_line(step, config.train.steps, metrics), flush=True)
             if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
-                evaluate(system, config, eval_split, tracker, f"step{step + 1}", step + 1)
+                srcc_at[step + 1] = evaluate(
+                    system, config, eval_split, tracker, f"step{step + 1}", step + 1
+                )["srcc"]
             if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0:
                 save_checkpoint(system, config, step + 1, sampler, tracker)
 
@@ -354,7 +408,11 @@ def run(config) -> dict:
         if not final.is_dir():
             final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
         after = evaluate(system, config, eval_split, tracker, "after", config.train.steps)
+        srcc_at[config.train.steps] = after["srcc"]
+        curves = plot_training_curves(history, srcc_at, Path(config.train.output_dir) / "training_curves.png")
+        tracker.log_artifact(curves)
         print_summary(before, after, final, tracker)
+        print(f"training curves: {curves}")
         tracker.finish()
         return {"before": before, "after": after, "checkpoint": str(final), "mlflow_run_id": tracker.run_id}
     except BaseException:
@@ -401,6 +459,7 @@ def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str,
         "perf/rollout_tokens_per_s": num_tokens / max(timer.seconds["generate"], 1e-9),
         **{f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
         "time/step_s": sum(timer.seconds.values()),
+        "events/rollout_worker_restarts": system.rollout_restarts,
     }
     if config.train.verify_weight_sync:
         metrics["sync/max_abs_logprob_diff"] = weight_sync_gap(system, config, images[0], prompt, step)

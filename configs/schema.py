@@ -143,6 +143,8 @@ class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     bf16: bool = False
+    # Weights travel to vLLM in buckets of this size (one call per bucket is the scaling bottleneck otherwise).
+    weight_bucket_bytes: int = Field(64 << 20, ge=1 << 20)
 
 
 class PlacementConfig(Section):

@@ -1,0 +1,41 @@
+"""Training curves as one PNG: rewards, score spread within an image, KL and held-out SRCC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = [
+    ("reward", ["reward/total_mean", "reward/fidelity_mean", "reward/format_mean"]),
+    ("score spread within an image", ["score/spread_within_image"]),
+    ("KL to reference", ["learner/kl"]),
+    ("parse failures", ["reward/parse_failure_rate"]),
+]
+
+
+def plot_training_curves(history: list[dict], evaluations: dict[int, float], path: str | Path) -> Path:
+    """history: one metrics dict per step (with "step"); evaluations: step -> held-out SRCC."""
+    fig, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4 * (len(PANELS) + 1), 3.2))
+    steps = [row["step"] for row in history]
+    for ax, (title, keys) in zip(axes, PANELS, strict=False):
+        for key in keys:
+            ax.plot(steps, [row.get(key, float("nan")) for row in history], label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    eval_ax = axes[-1]
+    eval_steps = sorted(evaluations)
+    eval_ax.plot(eval_steps, [evaluations[s] for s in eval_steps], marker="o")
+    eval_ax.set_title("held-out SRCC")
+    eval_ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
