@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa.images import ImageLoadError, fit_pixels, load_image
+from iqa.images import ImageLoadError, check_image, fit_pixels, load_image
 
 
 def _gradient(width: int = 24, height: int = 16) -> Image.Image:
@@ -123,3 +123,15 @@ def test_fit_pixels_bounds_and_aspect():
     assert fit_pixels(same, 3136, 12544) is same
     with pytest.raises(ValueError, match="min_pixels"):
         fit_pixels(same, 10, 5)
+
+
+def test_check_image_catches_truncated_jpeg_at_draft_scale(tmp_path):
+    rng = np.random.default_rng(1)
+    data = _encoded(Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)), "JPEG")
+    (tmp_path / "ok.jpg").write_bytes(data)
+    (tmp_path / "cut.jpg").write_bytes(data[: int(len(data) * 0.95)])
+    assert check_image(tmp_path / "ok.jpg") == (320, 256)
+    with pytest.raises(ImageLoadError, match=r"cut\.jpg: truncated"):
+        check_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageLoadError, match="file is missing"):
+        check_image(tmp_path / "gone.jpg")

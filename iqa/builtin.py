@@ -1,0 +1,237 @@
+"""The built-in benchmark: real photographs shipped inside scikit-image's wheel, synthetically degraded.
+
+No download: only the files inside the installed `skimage/data/` folder are read (never the
+`skimage.data` functions, some of which fetch files with pooch). Each reference photo is centre-cropped
+to a square and resized to `size` x `size`, then degraded by every distortion family at `levels`
+strengths, mildest (level 1) to strongest (level L). The label is a documented formula of the level:
+
+    MOS = clip(1 + 4 * (L + 0.5 - level) / L + offset[family], 1, 5)
+
+which for L = 5 is 5.4 - 0.8 * level (4.6, 3.8, 3.0, 2.2, 1.4) plus a small per-family offset (|offset|
+<= 0.2, less than half a level step, so within a family MOS always falls with the level). Everything is
+deterministic from `seed` (noise is drawn from a generator seeded by (seed, reference, family, level)).
+
+The images are generated once into a cache folder with a `manifest.json` (formula, parameters, files and
+their SHA-256); they are regenerated when the manifest is missing, was made with other parameters, or a
+file is missing or altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+from tqdm import tqdm
+
+from iqa.images import load_image
+
+MANIFEST = "manifest.json"
+# Bump when the generation code changes what it writes, so old caches count as stale.
+GENERATOR_VERSION = 1
+MOS_FORMULA = "MOS = clip(1 + 4 * (L + 0.5 - level) / L + offset[family], 1, 5), level 1 (mildest) .. L"
+
+# Real photographs (and micrographs) in scikit-image's wheel. Left out: synthetic or near-duplicate
+# images (color, phantom, logo, chessboards, horse silhouette, motorcycle_right), an already
+# motion-blurred one (clock_motion) and very small or nearly flat ones (microaneurysms, cell).
+REFERENCE_PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "page.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
+)
+
+
+def _gaussian_blur(img: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def _gaussian_noise(img: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:
+    pixels = np.asarray(img, dtype=np.float64)
+    noisy = pixels + rng.normal(0.0, sigma, size=pixels.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8), mode="RGB")
+
+
+def _jpeg(img: Image.Image, quality: float, rng: np.random.Generator) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=round(quality))
+    return load_image(buf.getvalue())
+
+
+def _contrast(img: Image.Image, factor: float, rng: np.random.Generator) -> Image.Image:
+    return ImageEnhance.Contrast(img).enhance(factor)
+
+
+def _pixelate(img: Image.Image, factor: float, rng: np.random.Generator) -> Image.Image:
+    small = (max(1, round(img.width / factor)), max(1, round(img.height / factor)))
+    return img.resize(small, Image.Resampling.BOX).resize(img.size, Image.Resampling.NEAREST)
+
+
+@dataclass(frozen=True)
+class Distortion:
+    apply: Callable[[Image.Image, float, np.random.Generator], Image.Image]
+    mildest: float  # strength parameter at level 1
+    strongest: float  # strength parameter at level L; levels in between are spaced geometrically
+    mos_offset: float
+
+    def strengths(self, levels: int) -> list[float]:
+        return [float(s) for s in np.geomspace(self.mildest, self.strongest, levels)]
+
+
+# Parameters: blur sigma (px), noise sigma (of 255), JPEG quality, contrast factor, pixelation factor.
+DISTORTIONS: dict[str, Distortion] = {
+    "blur": Distortion(_gaussian_blur, 0.6, 4.0, +0.1),
+    "noise": Distortion(_gaussian_noise, 6.0, 60.0, -0.1),
+    "jpeg": Distortion(_jpeg, 40.0, 2.0, 0.0),
+    "contrast": Distortion(_contrast, 0.8, 0.15, +0.2),
+    "pixelate": Distortion(_pixelate, 1.5, 6.0, -0.2),
+}
+DEFAULT_FAMILIES = tuple(DISTORTIONS)
+DEFAULT_LEVELS = 5
+
+
+def builtin_mos(level: int, levels: int, family: str) -> float:
+    """The label of an image at `level` (1 = mildest) of `levels`; see MOS_FORMULA."""
+    mos = 1 + 4 * (levels + 0.5 - level) / levels + DISTORTIONS[family].mos_offset
+    return round(float(np.clip(mos, 1.0, 5.0)), 6)
+
+
+def skimage_data_dir() -> Path:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("scikit-image is not installed; the built-in benchmark needs its photographs")
+    return Path(spec.origin).parent / "data"
+
+
+def reference_photo(path: Path, size: int) -> Image.Image:
+    """Centre-cropped to a square, resized to size x size, 8-bit RGB."""
+    img = load_image(path)
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _parameters(size: int, seed: int, families: Sequence[str], levels: int) -> dict:
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "size": size,
+        "seed": seed,
+        "levels": levels,
+        "families": {
+            name: {
+                "strengths": DISTORTIONS[name].strengths(levels),
+                "mos_offset": DISTORTIONS[name].mos_offset,
+            }
+            for name in families
+        },
+        "references": list(REFERENCE_PHOTOS),
+    }
+
+
+def _is_fresh(folder: Path, parameters: dict) -> bool:
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    if manifest.get("parameters") != parameters:
+        return False
+    return all(
+        (folder / entry["file"]).is_file() and _sha256(folder / entry["file"]) == entry["sha256"]
+        for entry in manifest["files"]
+    )
+
+
+def _generate(folder: Path, parameters: dict) -> None:
+    size, seed, levels = parameters["size"], parameters["seed"], parameters["levels"]
+    families = list(parameters["families"])
+    source_dir = skimage_data_dir()
+    missing = [name for name in REFERENCE_PHOTOS if not (source_dir / name).is_file()]
+    if missing:
+        raise RuntimeError(f"scikit-image's data folder {source_dir} lacks {missing}; reinstall scikit-image")
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "references").mkdir(parents=True)
+    (staging / "images").mkdir()
+    files = []
+    for ref_index, photo in enumerate(tqdm(REFERENCE_PHOTOS, desc="builtin benchmark", unit="photo")):
+        ref = Path(photo).stem
+        reference = reference_photo(source_dir / photo, size)
+        reference.save(staging / "references" / f"{ref}.png")
+        for family_index, family in enumerate(families):
+            distortion = DISTORTIONS[family]
+            for level, strength in enumerate(distortion.strengths(levels), start=1):
+                rng = np.random.default_rng([seed, ref_index, family_index, level])
+                relpath = f"images/{ref}_{family}_{level}.png"
+                distortion.apply(reference, strength, rng).save(staging / relpath)
+                files.append(
+                    {
+                        "file": relpath,
+                        "ref": ref,
+                        "family": family,
+                        "level": level,
+                        "strength": strength,
+                        "mos": builtin_mos(level, levels, family),
+                        "sha256": _sha256(staging / relpath),
+                    }
+                )
+    manifest = {"formula": MOS_FORMULA, "parameters": parameters, "files": files}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    # Replace the old folder only once the new one is complete, so an interrupted run leaves no half cache.
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+def build_builtin_benchmark(
+    cache_dir: str | Path,
+    size: int = 112,
+    seed: int = 0,
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    levels: int = DEFAULT_LEVELS,
+) -> Path:
+    """The benchmark's folder (with `manifest.json`), generated now if missing or stale."""
+    unknown = [name for name in families if name not in DISTORTIONS]
+    if unknown or not families:
+        raise ValueError(f"unknown distortion families {unknown}; known: {', '.join(DISTORTIONS)}")
+    if len(set(families)) != len(families):
+        raise ValueError(f"distortion families listed twice: {list(families)}")
+    if levels < 2:
+        raise ValueError(f"the built-in benchmark needs at least 2 levels per family, got {levels}")
+    parameters = _parameters(size, seed, families, levels)
+    key = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(cache_dir) / f"builtin-{size}px-seed{seed}-{key}"
+    if not _is_fresh(folder, parameters):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _generate(folder, parameters)
+    return folder
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    """The manifest's file entries (file, ref, family, level, strength, mos, sha256)."""
+    return json.loads((folder / MANIFEST).read_text())["files"]

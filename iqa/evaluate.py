@@ -1,0 +1,196 @@
+"""Score a dataset split with any `score_images` callable and report IQA metrics, files and MLflow entries.
+
+`score_images(images) -> scores`: for each PIL image, the n sampled scores, None where a completion had
+no parsable score (the caller, e.g. the vLLM scorer, owns sampling and parsing). Per image the mean of
+the parsed scores is the prediction and their sample standard deviation the spread. An image whose n
+samples ALL failed gets the midpoint of `score_range` (3.0 for [1, 5]) as its prediction, so the
+metrics cover the whole split; such images are counted ("images_all_failed") and marked in the CSV and
+the plot. Metrics are computed per dataset (MOS scales differ between datasets) and over all rows.
+
+Files written to `out_dir`: `<prefix>_predictions.csv`, `<prefix>_metrics.json` (with the decoding
+settings), `<prefix>_scatter.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+from PIL import Image
+from tqdm import tqdm
+
+from iqa.images import load_image
+from iqa.metrics import evaluate_scores
+from iqa.plots import Panel, scatter_plot
+
+ScoreImages = Callable[[list[Image.Image]], list[list[float | None]]]
+MIN_IMAGES = 3  # correlations over fewer images are meaningless
+
+
+def _summarise(
+    samples: list[float | None], score_range: tuple[float, float]
+) -> tuple[float, float, int, bool]:
+    """(prediction, spread, parsed samples, all failed) of one image's samples."""
+    parsed = [float(s) for s in samples if s is not None and math.isfinite(s)]
+    if not parsed:
+        return (score_range[0] + score_range[1]) / 2, math.nan, 0, True
+    spread = float(np.std(parsed, ddof=1)) if len(parsed) > 1 else 0.0
+    return float(np.mean(parsed)), spread, len(parsed), False
+
+
+def _json_safe(value):
+    """NaN/inf become null: JSON has no NaN, and readers choke on Python's extension."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _metric_key(*parts: str) -> str:
+    # MLflow allows only letters, digits, _ - . / and space in metric names.
+    return "/".join(re.sub(r"[^\w\-. ]", "_", part) for part in parts)
+
+
+def _log_to_mlflow(mlflow_run, prefix: str, report: dict, files: list[Path], step: int | None) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    run_id = mlflow_run if isinstance(mlflow_run, str) else mlflow_run.info.run_id
+    values = {
+        "images": report["n_images"],
+        "images_all_failed": report["images_all_failed"],
+        "sample_parse_failure_rate": report["sample_parse_failure_rate"],
+    }
+    metrics = [Metric(_metric_key(prefix, k), float(v), 0, step or 0) for k, v in values.items()]
+    groups = {"": report["overall"], **({} if len(report["per_dataset"]) == 1 else report["per_dataset"])}
+    for group, result in groups.items():
+        for key, value in result.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                name = _metric_key(prefix, group, key) if group else _metric_key(prefix, key)
+                metrics.append(Metric(name, float(value), 0, step or 0))
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=metrics)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=prefix)
+
+
+def run_evaluation(
+    dataset: Dataset,
+    score_images: ScoreImages,
+    out_dir: str | Path,
+    *,
+    num_samples: int,
+    temperature: float,
+    thinking: bool,
+    mlflow_run=None,
+    prefix: str = "eval",
+    step: int | None = None,
+    chunk_size: int = 16,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    score_range: tuple[float, float] = (1.0, 5.0),
+    decoding: Mapping | None = None,
+) -> dict:
+    """Score every row of `dataset` (columns id, image, mos, dataset) and write/log the results.
+
+    `num_samples`, `temperature`, `thinking` (and any further `decoding` settings) are recorded in the
+    JSON; each image must get exactly `num_samples` entries from `score_images`. `mlflow_run` is an
+    MLflow run (or run id) to log metrics (`<prefix>/srcc`, `<prefix>/<dataset>/srcc`, ...) at `step` and
+    the files under the artifact folder `<prefix>`. Returns the content of the metrics JSON.
+    """
+    missing = [c for c in ("id", "image", "mos", "dataset") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset lacks column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) < MIN_IMAGES:
+        raise ValueError(f"need at least {MIN_IMAGES} images to evaluate, got {len(dataset)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, ids, all_samples = dataset["image"], dataset["id"], []
+    with tqdm(total=len(paths), desc=f"{prefix}: scoring", unit="img") as bar:
+        for start in range(0, len(paths), chunk_size):
+            chunk = paths[start : start + chunk_size]
+            scores = score_images([load_image(p) for p in chunk])
+            if len(scores) != len(chunk):
+                raise ValueError(f"score_images returned {len(scores)} score lists for {len(chunk)} images")
+            for path, samples in zip(chunk, scores, strict=True):
+                if len(samples) != num_samples:
+                    raise ValueError(
+                        f"score_images gave {len(samples)} samples for {path}, expected {num_samples}"
+                    )
+            all_samples.extend(scores)
+            bar.update(len(chunk))
+
+    summaries = [_summarise(s, score_range) for s in all_samples]
+    pred = np.array([s[0] for s in summaries])
+    failed = np.array([s[3] for s in summaries])
+    mos = np.asarray(dataset["mos"], dtype=np.float64)
+    names = list(dataset["dataset"])
+    dataset_of = np.asarray(names)
+    parsed_samples = sum(s[2] for s in summaries)
+    out_of_range = sum(
+        1
+        for samples in all_samples
+        for v in samples
+        if v is not None and math.isfinite(v) and not score_range[0] <= v <= score_range[1]
+    )
+
+    per_dataset, panels = {}, []
+    for name in sorted(set(names)):
+        rows = dataset_of == name
+        if rows.sum() < MIN_IMAGES:
+            per_dataset[name] = {"n": int(rows.sum()), "skipped": f"fewer than {MIN_IMAGES} images"}
+            continue
+        per_dataset[name] = evaluate_scores(pred[rows], mos[rows], bootstrap=bootstrap, seed=seed)
+        panels.append(Panel(name, pred[rows], mos[rows], per_dataset[name], failed[rows]))
+    overall = evaluate_scores(pred, mos, bootstrap=bootstrap, seed=seed)
+    total_samples = len(all_samples) * num_samples
+    report = {
+        "prefix": prefix,
+        "step": step,
+        "decoding": {
+            "num_samples": num_samples,
+            "temperature": temperature,
+            "thinking": thinking,
+            **(decoding or {}),
+        },
+        "n_images": len(pred),
+        "samples_per_image": num_samples,
+        "sample_parse_failures": total_samples - parsed_samples,
+        "sample_parse_failure_rate": (total_samples - parsed_samples) / total_samples,
+        "samples_out_of_range": out_of_range,
+        "images_all_failed": int(failed.sum()),
+        "all_failed_rule": f"scored as the midpoint {(score_range[0] + score_range[1]) / 2} of {list(score_range)}",
+        "overall": overall,
+        "per_dataset": per_dataset,
+    }
+
+    csv_path = out_dir / f"{prefix}_predictions.csv"
+    with open(csv_path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(
+            ["id", "dataset", "image", "mos", "pred_mean", "pred_std", "n_parsed", "all_failed", "samples"]
+        )
+        for row in zip(ids, names, paths, mos, summaries, all_samples, strict=True):
+            *columns, summary, samples = row
+            writer.writerow([*columns, *summary, json.dumps(_json_safe(list(samples)))])
+    json_path = out_dir / f"{prefix}_metrics.json"
+    json_path.write_text(json.dumps(_json_safe(report), indent=2))
+    if not panels:
+        panels = [Panel("all", pred, mos, overall, failed)]
+    plot_path = scatter_plot(
+        panels,
+        out_dir / f"{prefix}_scatter.png",
+        title=f"{prefix}" + (f" step {step}" if step is not None else ""),
+    )
+    if mlflow_run is not None:
+        _log_to_mlflow(mlflow_run, prefix, report, [csv_path, json_path, plot_path], step)
+    return report

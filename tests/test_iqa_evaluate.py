@@ -1,0 +1,135 @@
+"""run_evaluation with a deterministic sharpness scorer on the built-in benchmark: CSV, JSON, PNG, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from cluster.runtime_env import apply_default_env
+
+apply_default_env()
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from configs.schema import DataConfig, DatasetSpec  # noqa: E402
+from iqa.evaluate import run_evaluation  # noqa: E402
+from iqa.formats import load_dataset_spec  # noqa: E402
+from iqa.metrics import evaluate_scores  # noqa: E402
+
+SAMPLES = 3
+FAIL_EVERY = 10  # every 10th image scored gets no parsable sample at all
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    data = DataConfig(
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+        builtin_size=32,
+        builtin_levels=3,
+        builtin_families=["blur", "contrast"],
+    )
+    ds, _ = load_dataset_spec(DatasetSpec(format="builtin"), data=data, progress=False)
+    return ds
+
+
+def sharpness_scorer():
+    """Score = a log of the Laplacian's energy (blur and low contrast lower it); the second of the three
+    samples never parses, and every FAIL_EVERY-th image gets no parsable sample."""
+    seen = [0]
+
+    def score_images(images: list[Image.Image]) -> list[list[float | None]]:
+        out = []
+        for img in images:
+            seen[0] += 1
+            grey = np.asarray(img.convert("L"), dtype=np.float64)
+            laplacian = (
+                4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+            )
+            score = float(np.clip(np.log1p(laplacian.var()) / 2, 1, 5))
+            out.append([None] * SAMPLES if seen[0] % FAIL_EVERY == 0 else [score - 0.1, None, score + 0.1])
+        return out
+
+    return score_images
+
+
+def test_run_evaluation_writes_csv_json_png(tmp_path, dataset):
+    report = run_evaluation(
+        dataset,
+        sharpness_scorer(),
+        tmp_path,
+        num_samples=SAMPLES,
+        temperature=1.0,
+        thinking=False,
+        chunk_size=7,
+        bootstrap=200,
+        decoding={"max_new_tokens": 64},
+    )
+    n = len(dataset)
+    all_failed = n // FAIL_EVERY
+    with open(tmp_path / "eval_predictions.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [r["id"] for r in rows] == dataset["id"]
+    assert sum(r["all_failed"] == "True" for r in rows) == all_failed
+    assert all(float(r["pred_mean"]) == 3.0 for r in rows if r["all_failed"] == "True")  # the midpoint rule
+    ok = [r for r in rows if r["all_failed"] == "False"]
+    assert all(
+        int(r["n_parsed"]) == 2 and float(r["pred_std"]) == pytest.approx(0.2 / np.sqrt(2)) for r in ok
+    )
+
+    saved = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert saved["decoding"] == {
+        "num_samples": 3,
+        "temperature": 1.0,
+        "thinking": False,
+        "max_new_tokens": 64,
+    }
+    assert saved["images_all_failed"] == all_failed == report["images_all_failed"]
+    failures = all_failed * SAMPLES + (n - all_failed)
+    assert saved["sample_parse_failure_rate"] == pytest.approx(failures / (n * SAMPLES))
+    expected = evaluate_scores([float(r["pred_mean"]) for r in rows], dataset["mos"], bootstrap=200, seed=0)
+    assert saved["overall"]["srcc"] == pytest.approx(expected["srcc"])
+    assert saved["per_dataset"]["builtin"]["srcc"] == pytest.approx(expected["srcc"])
+    assert report["overall"]["srcc"] > 0.5  # sharpness does track blur and contrast loss
+
+    with Image.open(tmp_path / "eval_scatter.png") as plot:
+        assert plot.format == "PNG" and plot.width >= 300
+
+
+def test_run_evaluation_logs_to_a_local_mlflow_store(tmp_path, dataset):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment(
+        "iqa-eval-test", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    with mlflow.start_run(experiment_id=experiment) as run:
+        report = run_evaluation(
+            dataset,
+            sharpness_scorer(),
+            tmp_path / "out",
+            num_samples=SAMPLES,
+            temperature=0.7,
+            thinking=True,
+            mlflow_run=run,
+            prefix="test_eval",
+            step=5,
+            bootstrap=50,
+        )
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["test_eval/srcc"] == pytest.approx(report["overall"]["srcc"])
+    assert logged["test_eval/plcc_ci95_low"] == pytest.approx(report["overall"]["plcc_ci95_low"])
+    assert logged["test_eval/images_all_failed"] == report["images_all_failed"]
+    assert client.get_metric_history(run.info.run_id, "test_eval/srcc")[0].step == 5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "test_eval")}
+    assert artifacts == {
+        "test_eval/test_eval_predictions.csv",
+        "test_eval/test_eval_metrics.json",
+        "test_eval/test_eval_scatter.png",
+    }
+
+
+def test_wrong_number_of_samples_is_an_error(tmp_path, dataset):
+    with pytest.raises(ValueError, match="gave 3 samples for .* expected 4"):
+        run_evaluation(dataset, sharpness_scorer(), tmp_path, num_samples=4, temperature=1.0, thinking=True)
