@@ -1,0 +1,414 @@
+"""The DeepSpeed GRPO learner: one Ray actor per rank, N of them forming one torch.distributed group.
+
+The driver calls every method on all ranks at once (each with its own shard of the batch); collective
+operations inside (ZeRO reductions and gathers, metric reductions) need every rank to take part. The
+methods stay thin: model code is in `learner.policy`, the loss in `learner.grpo`, the DeepSpeed config
+in `learner.deepspeed_config`.
+
+On the CPU the group runs over gloo (bound to loopback on a single node); on GPUs over NCCL, with each
+actor seeing the one GPU Ray gave it (so LOCAL_RANK is 0 in every actor).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from actor.weight_sync import serialize_buckets
+from cluster.runtime_env import apply_default_env
+from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
+from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
+from learner.grpo import grpo_loss
+from learner.model_factory import load_processor
+from learner.policy import (
+    PolicySample,
+    build_micro_batches,
+    checkpoint_names,
+    completion_logprobs,
+    load_policy_model,
+    pad_token,
+)
+
+# Engine state (optimizer, scheduler, ZeRO partitions) lives in this subfolder of a checkpoint; the
+# folder itself holds the policy in Hugging Face format.
+ENGINE_STATE_DIR = "deepspeed"
+ENGINE_STATE_TAG = "state"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LearnerWorker:
+    """One learner rank; create the group with `create_learner_group`."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        apply_default_env()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a group of {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.engine = None
+
+    def ping(self) -> int:
+        return self.rank
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for rank 0 to host the process group's store."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(
+        self,
+        model_path: str | Path,
+        model: ModelConfig,
+        learner: LearnerConfig,
+        *,
+        train_batch_size: int,
+        total_steps: int,
+        master_addr: str,
+        master_port: int,
+        temperature: float = 1.0,
+    ) -> dict:
+        """Join the process group, load the policy (and the frozen reference when beta > 0) under DeepSpeed.
+
+        train_batch_size: completions per rollout batch over all ranks; total_steps: rollout steps of
+        the run (for the LR schedule); temperature: the rollout's sampling temperature (log-probs are
+        those of the distribution it samples from).
+        """
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
+        if master_addr in LOOPBACK_HOSTS:
+            # gloo otherwise picks the interface its hostname resolves to, which may not be loopback.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
+        )
+        self.learner = learner
+        self.temperature = temperature
+        self.config = deepspeed_config(learner, train_batch_size, self.world_size)
+        # DeepSpeed's bf16 mode wants bf16 modules (it keeps fp32 master weights in the optimizer).
+        dtype = torch.bfloat16 if learner.bf16 else torch.float32
+        policy = load_policy_model(model_path, model, dtype, trainable=True)
+        self.checkpoint_names = checkpoint_names(policy)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(
+            model=policy,
+            model_parameters=trainable,
+            config=self.config,
+            lr_scheduler=lr_scheduler_factory(learner, total_steps),
+        )
+        self.processor = load_processor(model_path, model.min_pixels, model.max_pixels)
+        self.pad_token_id = pad_token(self.processor)
+        self.reference = None
+        if learner.beta > 0:
+            reference = load_policy_model(model_path, model, dtype, trainable=False)
+            if learner.zero_stage == 3:
+                # Sharded like the policy: a 7B reference would not fit beside it on every GPU.
+                self.reference, *_ = deepspeed.initialize(
+                    model=reference, config=reference_config(self.config)
+                )
+            else:
+                self.reference = reference.to(self.engine.device)
+        return {
+            "rank": self.rank,
+            "device": str(self.engine.device),
+            "backend": torch.distributed.get_backend(),
+            "trainable_parameters": sum(_numel(p) for p in trainable),
+            "micro_batch_size": self.config["train_micro_batch_size_per_gpu"],
+            "micro_batches_per_step": self.config["gradient_accumulation_steps"],
+        }
+
+    def train_step(
+        self,
+        samples: Sequence[PolicySample],
+        advantages: Sequence[Sequence[float]],
+        num_iterations: int,
+        total_sequences: int,
+        total_tokens: int,
+    ) -> dict[str, float]:
+        """num_iterations GRPO updates on this rank's shard; metrics are reduced over all ranks.
+
+        advantages[i][k] belongs to samples[i].completions[k]. total_sequences / total_tokens count the
+        completions / completion tokens of the whole batch over all ranks: the loss normalizer.
+        """
+        engine = self._require_setup()
+        if num_iterations < 1 or total_sequences < 1 or total_tokens < 1:
+            raise ValueError(
+                f"need num_iterations, total_sequences and total_tokens >= 1, got {num_iterations}, "
+                f"{total_sequences}, {total_tokens}"
+            )
+        started = time.perf_counter()
+        batches = build_micro_batches(self.processor, samples, self.config["train_micro_batch_size_per_gpu"])
+        if len(batches) != engine.gradient_accumulation_steps():
+            # ZeRO reduces gradients in every backward: all ranks must run the same number of them.
+            raise ValueError(
+                f"rank {self.rank}: {sum(len(b) for b in batches)} completions make {len(batches)} micro-batches, "
+                f"the DeepSpeed config expects {engine.gradient_accumulation_steps()} "
+                "(train_batch_size / world_size completions per rank)"
+            )
+        flat_advantages = _flatten_advantages(samples, advantages)
+        normalizer = total_sequences if self.learner.loss_aggregation == "sequence_mean" else total_tokens
+        # DeepSpeed averages gradients over ranks; scaling the normalizer by 1/world makes their sum exact.
+        normalizer = normalizer / self.world_size
+
+        with torch.no_grad():
+            # With one update per batch the policy has not moved yet: old log-probs are the current
+            # ones (ratio 1), taken from the training forward itself instead of an extra pass.
+            old = self._logprobs(engine, batches) if num_iterations > 1 else None
+            reference = self._logprobs(self.reference, batches) if self.reference is not None else None
+        logprob_seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        totals = _MetricTotals()
+        for _ in range(num_iterations):
+            for index, batch in enumerate(batches):
+                engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
+                logp, mask = completion_logprobs(engine, batch, self.pad_token_id, self.temperature)
+                loss, metrics = grpo_loss(
+                    logp,
+                    old[index] if old is not None else logp.detach(),
+                    flat_advantages[batch.sequence_ids].to(logp.device),
+                    mask,
+                    ref_logp=reference[index] if reference is not None else None,
+                    beta=self.learner.beta,
+                    eps_low=self.learner.eps_low,
+                    eps_high=self.learner.eps_high,
+                    kl_clamp=self.learner.kl_clamp,
+                    aggregation=self.learner.loss_aggregation,
+                    normalizer=normalizer,
+                )
+                engine.backward(loss, scale_wrt_gas=False)
+                totals.add(metrics)
+            totals.lr += engine.get_lr()[0]
+            engine.step()
+            totals.grad_norm += float(engine.get_global_grad_norm())
+        update_seconds = time.perf_counter() - started
+        return totals.reduce(num_iterations, self.world_size, engine.device) | {
+            "logprob_seconds": logprob_seconds,
+            "update_seconds": update_seconds,
+        }
+
+    def weight_buckets(self, bucket_bytes: int) -> list[bytes]:
+        """The trainable weights under their checkpoint names as safetensors blobs on rank 0 ([] elsewhere).
+
+        Every rank must call it: under ZeRO-3 the parameters are gathered group by group.
+        """
+        weights = self._full_trainable_weights(bucket_bytes)
+        if self.rank == 0:
+            return serialize_buckets(weights, bucket_bytes)
+        for _ in weights:
+            pass
+        return []
+
+    def save_checkpoint(self, directory: str | Path) -> str:
+        """The policy in HF format (+ processor) from rank 0, DeepSpeed's engine state from all ranks."""
+        engine = self._require_setup()
+        directory = Path(directory)
+        # Under ZeRO-3 every rank takes part in the gather; rank 0 receives the full state dict.
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if self.learner.zero_stage == 3 else None
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            engine.module.save_pretrained(directory, state_dict=state_dict)
+            self.processor.save_pretrained(directory)
+        engine.save_checkpoint(str(directory / ENGINE_STATE_DIR), tag=ENGINE_STATE_TAG)
+        torch.distributed.barrier()
+        return str(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore weights, optimizer and LR schedule saved by `save_checkpoint`; returns the optimizer step."""
+        engine = self._require_setup()
+        state_dir = Path(directory) / ENGINE_STATE_DIR
+        loaded, _ = engine.load_checkpoint(str(state_dir), tag=ENGINE_STATE_TAG)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed engine state under {state_dir}")
+        return engine.global_steps
+
+    def _require_setup(self):
+        if self.engine is None:
+            raise RuntimeError(f"learner rank {self.rank}: call setup() first")
+        return self.engine
+
+    def _logprobs(self, model, batches) -> list[torch.Tensor]:
+        return [
+            completion_logprobs(model, batch, self.pad_token_id, self.temperature)[0] for batch in batches
+        ]
+
+    def _full_trainable_weights(self, group_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, full CPU tensor) of each trainable parameter; yields only on rank 0."""
+        import deepspeed
+
+        engine = self._require_setup()
+        params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+        if self.learner.zero_stage != 3:
+            if self.rank == 0:
+                for name, param in params:
+                    yield self.checkpoint_names[name], param.detach().to("cpu", copy=True)
+            return
+        for group in _groups_by_size(params, group_bytes):
+            with deepspeed.zero.GatheredParameters([p for _, p in group]):
+                if self.rank == 0:
+                    for name, param in group:
+                        yield self.checkpoint_names[name], param.detach().to("cpu", copy=True)
+
+
+class _MetricTotals:
+    """Sums of grpo_loss metrics over micro-batches and iterations, reduced over ranks at the end."""
+
+    def __init__(self) -> None:
+        self.loss = 0.0
+        self.tokens = 0.0
+        self.kl_tokens = 0.0
+        self.clip_tokens = 0.0
+        self.ratio_tokens = 0.0
+        self.ratio_min = float("inf")
+        self.ratio_max = float("-inf")
+        self.lr = 0.0
+        self.grad_norm = 0.0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        tokens = metrics["num_tokens"]
+        self.loss += metrics["loss"]
+        self.tokens += tokens
+        self.kl_tokens += metrics["kl"] * tokens
+        self.clip_tokens += metrics["clip_fraction"] * tokens
+        self.ratio_tokens += metrics["ratio_mean"] * tokens
+        self.ratio_min = min(self.ratio_min, metrics["ratio_min"])
+        self.ratio_max = max(self.ratio_max, metrics["ratio_max"])
+
+    def reduce(self, num_iterations: int, world_size: int, device) -> dict[str, float]:
+        dist = torch.distributed
+        sums = torch.tensor(
+            [self.loss, self.tokens, self.kl_tokens, self.clip_tokens, self.ratio_tokens],
+            dtype=torch.float64,
+            device=device,
+        )
+        extremes = torch.tensor([-self.ratio_min, self.ratio_max], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        loss, tokens, kl_tokens, clip_tokens, ratio_tokens = sums.tolist()
+        tokens_per_iteration = tokens / num_iterations
+        tokens = max(tokens, 1.0)
+        return {
+            # Each rank's loss is its share of the global one times world_size (see the normalizer).
+            "loss": loss / (world_size * num_iterations),
+            "kl": kl_tokens / tokens,
+            "clip_fraction": clip_tokens / tokens,
+            "ratio_min": -float(extremes[0]),
+            "ratio_mean": ratio_tokens / tokens,
+            "ratio_max": float(extremes[1]),
+            "grad_norm": self.grad_norm / num_iterations,
+            "lr": self.lr / num_iterations,
+            "num_tokens": tokens_per_iteration,
+        }
+
+
+def _numel(param) -> int:
+    # ZeRO-3 replaces parameters by empty placeholders; ds_numel keeps the full size.
+    return getattr(param, "ds_numel", param.numel())
+
+
+def _groups_by_size(params: list, group_bytes: int) -> Iterator[list]:
+    group, size = [], 0
+    for name, param in params:
+        nbytes = _numel(param) * param.element_size()
+        if group and size + nbytes > group_bytes:
+            yield group
+            group, size = [], 0
+        group.append((name, param))
+        size += nbytes
+    if group:
+        yield group
+
+
+def _flatten_advantages(
+    samples: Sequence[PolicySample], advantages: Sequence[Sequence[float]]
+) -> torch.Tensor:
+    if len(advantages) != len(samples):
+        raise ValueError(f"{len(advantages)} advantage lists for {len(samples)} samples")
+    flat: list[float] = []
+    for index, (sample, values) in enumerate(zip(samples, advantages, strict=True)):
+        if len(values) != len(sample.completions):
+            raise ValueError(
+                f"sample {index}: {len(values)} advantages for {len(sample.completions)} completions"
+            )
+        flat.extend(float(v) for v in values)
+    return torch.tensor(flat, dtype=torch.float32)
+
+
+def create_learner_group(
+    num_workers: int,
+    placement: PlacementConfig,
+    *,
+    model_path: str | Path,
+    model: ModelConfig,
+    learner: LearnerConfig,
+    train_batch_size: int,
+    total_steps: int,
+    temperature: float = 1.0,
+    placement_group=None,
+    bundle_indices: Sequence[int] | None = None,
+    timeout_s: float | None = None,
+) -> list:
+    """Start num_workers `LearnerWorker` actors, form their process group and set each one up.
+
+    With a placement group, rank i goes into bundle bundle_indices[i] (default: bundle i). Returns the
+    actor handles in rank order; rank 0 hosts the group's rendezvous on its node.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if bundle_indices is not None and len(bundle_indices) != num_workers:
+        raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} learner workers")
+    remote_class = ray.remote(LearnerWorker)
+    workers = []
+    for rank in range(num_workers):
+        options = {
+            "num_cpus": placement.num_cpus,
+            "num_gpus": placement.num_gpus,
+            "runtime_env": {"env_vars": apply_default_env()},
+        }
+        if placement_group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group,
+                placement_group_bundle_index=bundle_indices[rank] if bundle_indices is not None else rank,
+            )
+        workers.append(remote_class.options(**options).remote(rank, num_workers))
+    master_addr, master_port = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)
+    ray.get(
+        [
+            worker.setup.remote(
+                model_path,
+                model,
+                learner,
+                train_batch_size=train_batch_size,
+                total_steps=total_steps,
+                master_addr=master_addr,
+                master_port=master_port,
+                temperature=temperature,
+            )
+            for worker in workers
+        ],
+        timeout=timeout_s,
+    )
+    return workers

@@ -1,0 +1,256 @@
+"""Policy model code for the learner (no Ray, no DeepSpeed): per-token log-probs of sampled completions.
+
+A `PolicySample` is one image with its prompt text and the completions sampled for it. Each image is
+decoded and run through the processor once; its G (or fewer, on a shard) sequences share that encoding
+and only their micro-batch concatenates pixel values per sequence, as Qwen2.5-VL's forward expects.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from configs.schema import ModelConfig
+from learner.grpo import token_logprobs
+
+ImageSource = Image.Image | bytes | str | Path
+
+
+@dataclass
+class PolicySample:
+    """One image, its prompt (from `actor.prompts.build_prompt_text`) and its completions' token ids."""
+
+    image: ImageSource
+    prompt: str
+    completions: list[list[int]]
+
+
+@dataclass
+class EncodedPrompt:
+    """The processor's output for one (prompt, image): image pads expanded, pixel patches, grid."""
+
+    input_ids: torch.Tensor  # (L,)
+    mm_token_type_ids: torch.Tensor  # (L,): 0 text, 1 image
+    pixel_values: torch.Tensor  # (patches, C * T * P * P)
+    image_grid_thw: torch.Tensor  # (1, 3)
+
+
+@dataclass
+class MicroBatch:
+    """Sequences (prompt + completion) for one forward; tensors are built on demand by `model_inputs`."""
+
+    prompts: list[EncodedPrompt]
+    completions: list[list[int]]
+    # Positions of these sequences in the flattened (sample, completion) order of the whole shard.
+    sequence_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.completions], dtype=torch.long)
+
+    @property
+    def prompt_lengths(self) -> torch.Tensor:
+        return torch.tensor([p.input_ids.numel() for p in self.prompts], dtype=torch.long)
+
+    def model_inputs(self, pad_token_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Right-padded input_ids / attention_mask / mm_token_type_ids plus per-sequence image tensors."""
+        sequences = [
+            torch.cat([p.input_ids, torch.tensor(c, dtype=p.input_ids.dtype)])
+            for p, c in zip(self.prompts, self.completions, strict=True)
+        ]
+        lengths = [s.numel() for s in sequences]
+        width = max(lengths)
+        input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        mm_token_type_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (prompt, sequence) in enumerate(zip(self.prompts, sequences, strict=True)):
+            input_ids[row, : sequence.numel()] = sequence
+            attention_mask[row, : sequence.numel()] = 1
+            mm_token_type_ids[row, : prompt.mm_token_type_ids.numel()] = prompt.mm_token_type_ids
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": mm_token_type_ids,
+            "pixel_values": torch.cat([p.pixel_values for p in self.prompts]),
+            "image_grid_thw": torch.cat([p.image_grid_thw for p in self.prompts]),
+        }
+        return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def open_image(image: ImageSource) -> Image.Image:
+    """An RGB PIL image from a PIL image, encoded bytes or a file path."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, bytes):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    if isinstance(image, str | Path):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    raise TypeError(f"image must be a PIL image, encoded bytes or a path, got {type(image).__name__}")
+
+
+def encode_prompt(processor, sample: PolicySample) -> EncodedPrompt:
+    """Run the processor once for the sample's image (the same min/max pixels as the rollout engine)."""
+    encoded = processor(text=[sample.prompt], images=[open_image(sample.image)], return_tensors="pt")
+    if "mm_token_type_ids" not in encoded:
+        raise ValueError("the processor returned no mm_token_type_ids; Qwen2.5-VL's 3D positions need them")
+    num_image_tokens = int((encoded["mm_token_type_ids"] == 1).sum())
+    if num_image_tokens == 0:
+        raise ValueError("the prompt has no image placeholder; build it with actor.prompts.build_prompt_text")
+    return EncodedPrompt(
+        input_ids=encoded["input_ids"][0],
+        mm_token_type_ids=encoded["mm_token_type_ids"][0],
+        pixel_values=encoded["pixel_values"],
+        image_grid_thw=encoded["image_grid_thw"],
+    )
+
+
+def build_micro_batches(
+    processor, samples: Sequence[PolicySample], micro_batch_size: int
+) -> list[MicroBatch]:
+    """Flatten samples into (sample, completion) sequences in order and cut them into micro-batches."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    flat: list[tuple[EncodedPrompt, list[int]]] = []
+    for index, sample in enumerate(samples):
+        if not sample.completions:
+            raise ValueError(f"sample {index} has no completions")
+        for number, completion in enumerate(sample.completions):
+            if len(completion) == 0:
+                raise ValueError(f"sample {index}: completion {number} is empty")
+        prompt = encode_prompt(processor, sample)
+        flat.extend((prompt, list(completion)) for completion in sample.completions)
+    return [
+        MicroBatch(
+            prompts=[prompt for prompt, _ in flat[start : start + micro_batch_size]],
+            completions=[completion for _, completion in flat[start : start + micro_batch_size]],
+            sequence_ids=list(range(start, min(start + micro_batch_size, len(flat)))),
+        )
+        for start in range(0, len(flat), micro_batch_size)
+    ]
+
+
+def completion_logprobs(
+    model, batch: MicroBatch, pad_token_id: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, mask), both (B, T) with T the longest completion: log pi(completion token | prefix).
+
+    `model` is a Qwen2.5-VL / Qwen2-VL causal LM or a DeepSpeed engine wrapping one. Only the positions
+    that predict completion tokens go through the LM head (the vocabulary projection is the largest
+    activation). Gradients flow when called with grad enabled.
+    """
+    device = next(iter(_module(model).parameters())).device
+    inputs = batch.model_inputs(pad_token_id, device)
+    prompt_lengths = batch.prompt_lengths.to(device)
+    completion_lengths = batch.completion_lengths.to(device)
+    width = inputs["input_ids"].shape[1]
+    # Completion token j of row i sits at prompt_length_i + j and is predicted at the position before it.
+    first_predicting = int(prompt_lengths.min()) - 1
+    kept = width - first_predicting
+    logits = model(**inputs, logits_to_keep=kept, use_cache=False).logits  # (B, kept, V)
+    if temperature > 0 and temperature != 1.0:
+        # The rollout samples from softmax(logits / temperature); score that distribution (greedy, 0,
+        # has none: it is scored untempered).
+        logits = logits / temperature
+    kept_logp = token_logprobs(
+        logits[:, :-1], inputs["input_ids"][:, first_predicting + 1 :]
+    )  # (B, kept - 1)
+    steps = torch.arange(int(completion_lengths.max()), device=device)
+    index = (prompt_lengths - 1 - first_predicting).unsqueeze(1) + steps.unsqueeze(0)
+    mask = steps.unsqueeze(0) < completion_lengths.unsqueeze(1)
+    logp = torch.gather(kept_logp, 1, index.clamp(max=kept_logp.shape[1] - 1)).masked_fill(~mask, 0.0)
+    return logp, mask
+
+
+def pad_to_width(tensors: Sequence[torch.Tensor], value: float | bool = 0) -> torch.Tensor:
+    """Concatenate (B_i, T_i) tensors along B, right-padding each to the widest T."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+
+def sequence_logprobs(
+    model,
+    processor,
+    samples: Sequence[PolicySample],
+    micro_batch_size: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, mask), (N, T) over all N = sum of completions, in (sample, completion) order."""
+    batches = build_micro_batches(processor, samples, micro_batch_size)
+    pad_token_id = pad_token(processor)
+    results = [completion_logprobs(model, batch, pad_token_id, temperature) for batch in batches]
+    return pad_to_width([logp for logp, _ in results]), pad_to_width([mask for _, mask in results], False)
+
+
+def pad_token(processor) -> int:
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to right-pad sequences with")
+    return pad
+
+
+def _module(model) -> torch.nn.Module:
+    # A DeepSpeed engine keeps the HF model in `.module`.
+    return getattr(model, "module", model)
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The vision encoder (patch embedding, blocks and merger) of a Qwen2-VL / Qwen2.5-VL model."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__} has no model.visual: not a Qwen2-VL / Qwen2.5-VL model")
+    return visual
+
+
+def load_policy_model(path: str | Path, model_config: ModelConfig, dtype: torch.dtype, trainable: bool):
+    """Load the HF checkpoint for training (trainable) or as a frozen reference, with the config's options."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path),
+        dtype=dtype,
+        attn_implementation=model_config.attn_implementation,
+        trust_remote_code=model_config.trust_remote_code,
+        local_files_only=True,
+    )
+    vision_tower(model)
+    model.config.use_cache = False
+    if not trainable:
+        return model.requires_grad_(False).eval()
+    if model_config.freeze_vision:
+        vision_tower(model).requires_grad_(False)
+    if model_config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the frozen-vision case).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Train mode only switches gradient checkpointing on (Qwen2.5-VL has no dropout), so old, new
+    # and reference log-probs come from the same computation.
+    return model.train()
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Module parameter name -> the name the HF checkpoint stores it under (what save_pretrained writes).
+
+    transformers 5 renames Qwen2.5-VL's modules on load ("visual." -> "model.visual.", ...) and reverts
+    the renaming on save; the weight push uses the saved names so vLLM's loader maps them as it maps a
+    checkpoint. Call it before DeepSpeed wraps (and under ZeRO-3 empties) the parameters.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = {}
+    for name, _ in model.named_parameters():
+        renamed = list(revert_weight_conversion(model, {name: torch.empty(0)}))
+        if len(renamed) != 1:
+            raise ValueError(
+                f"parameter {name!r} maps to {len(renamed)} checkpoint tensors; only renamings are supported"
+            )
+        names[name] = renamed[0]
+    return names
