@@ -1,8 +1,8 @@
 """Run checkpoints: written to a temporary folder, renamed when complete, with a manifest of checksums.
 
-Layout of `<checkpoint.dir>/step-000020/`: `policy/` (Hugging Face format, loadable by transformers and
-vLLM), `engine/` (DeepSpeed optimizer and scheduler state of every rank), `state.json` (step, data
-position, RNG state, MLflow run id) and `manifest.json` (size and sha256 of every file). At resume the
+Layout of `<checkpoint.dir>/step-000020/`: the policy in Hugging Face format at the top level (the folder
+loads as it is in transformers and vLLM), `deepspeed/` (optimizer and scheduler state of every rank),
+`state.json` (step, data position, MLflow run id) and `manifest.json` (size and sha256 of every file). At resume the
 newest checkpoint whose files all match the manifest wins; a damaged one is reported and skipped.
 """
 

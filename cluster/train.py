@@ -324,7 +324,7 @@ def step_line(step: int, steps: int, metrics: dict) -> str:
         f"(fidelity {metrics['reward/fidelity_mean']:.3f}, format {metrics['reward/format_mean']:.2f}) | "
         f"parse fail {metrics['reward/parse_failure_rate']:.2f} | spread {metrics['score/spread_within_image']:.2f} | "
         f"kl {metrics['learner/kl']:.4f} | loss {metrics['learner/loss']:+.4f} | "
-        f"gen {metrics['time/generate_s']:.1f}s upd {metrics['time/update_s']:.1f}s "
+        f"gen {metrics['time/generate_s']:.1f}s train {metrics['time/train_s']:.1f}s "
         f"push {metrics['time/weight_push_s']:.2f}s | {metrics['perf/rollout_tokens_per_s']:.0f} tok/s"
     )
 
@@ -439,7 +439,7 @@ def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str,
         texts = [[c.text for c in rollout.completions] for rollout in rollouts]
         rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
     advantages = group_advantages(torch.from_numpy(rewards.total), config.learner.advantage)
-    with timer("update"):
+    with timer("train"):
         learner_metrics = update(system, config, images, prompt, rollouts, advantages, step)
     with timer("weight_push"):
         push_weights(system, config, step)
@@ -448,8 +448,10 @@ def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str,
     num_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
     metrics = {
         **rewards.metrics(),
-        **{f"learner/{k}": v for k, v in learner_metrics.items() if not k.endswith("_s")},
-        **{f"time/{k}": v for k, v in learner_metrics.items() if k.endswith("_s")},
+        **{f"learner/{k}": v for k, v in learner_metrics.items() if not k.endswith("_seconds")},
+        # Inside the learners' "train" phase: old/reference log-probs, then the mu updates.
+        "time/logprob_s": learner_metrics["logprob_seconds"],
+        "time/update_s": learner_metrics["update_seconds"],
         "advantage/mean": float(advantages.mean()),
         "advantage/std": float(advantages.std()),
         "advantage/abs_max": float(advantages.abs().max()),
@@ -504,7 +506,7 @@ def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -
         old = f"{before[key]:.3f}" if before and key in before else "   -"
         new = f"{after[key]:.3f}" if key in after else "   -"
         print(f"  {key:<22}{old:>8}{new:>11}")
-    print(f"policy checkpoint: {checkpoint / 'policy'}\n{tracker.describe()}")
+    print(f"policy checkpoint (Hugging Face format): {checkpoint}\n{tracker.describe()}")
 
 
 def main_from_args(args) -> int:

@@ -224,11 +224,10 @@ class Config(Section):
                 f"reward.group_size ({self.reward.group_size}) > train.images_per_step "
                 f"({self.train.images_per_step}): no comparison group could be filled"
             )
-        completions = self.train.images_per_step * self.rollout.num_generations
-        if completions % self.learner.num_workers:
+        if self.train.images_per_step % self.learner.num_workers:
             raise ValueError(
-                f"train.images_per_step * rollout.num_generations ({completions}) must be divisible by "
-                f"learner.num_workers ({self.learner.num_workers})"
+                f"train.images_per_step ({self.train.images_per_step}) must be divisible by "
+                f"learner.num_workers ({self.learner.num_workers}): every rank trains on the same number of images"
             )
         if self.train.images_per_step < self.rollout.num_workers:
             raise ValueError(

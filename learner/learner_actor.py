@@ -32,6 +32,7 @@ from learner.policy import (
     completion_logprobs,
     load_policy_model,
     pad_token,
+    sequence_logprobs,
 )
 
 # Engine state (optimizer, scheduler, ZeRO partitions) lives in this subfolder of a checkpoint; the
@@ -206,6 +207,19 @@ class LearnerWorker:
             "logprob_seconds": logprob_seconds,
             "update_seconds": update_seconds,
         }
+
+    def logprobs(self, samples: Sequence[PolicySample], temperature: float = 1.0) -> list[list[float]]:
+        """Per completion, the log-prob of each of its tokens under the current policy (no gradient).
+
+        Every rank must call it with the same samples under ZeRO-3 (the forward gathers parameters).
+        temperature 1.0 gives the raw model distribution, the one vLLM reports log-probs of.
+        """
+        engine = self._require_setup()
+        with torch.no_grad():
+            logp, mask = sequence_logprobs(
+                engine, self.processor, samples, self.config["train_micro_batch_size_per_gpu"], temperature
+            )
+        return [row[row_mask].tolist() for row, row_mask in zip(logp, mask, strict=True)]
 
     def weight_buckets(self, bucket_bytes: int) -> list[bytes]:
         """The trainable weights under their checkpoint names as safetensors blobs on rank 0 ([] elsewhere).

@@ -7,8 +7,8 @@ from cluster import checkpoints
 
 def fake_checkpoint(root, step, payload=b"weights"):
     staging = checkpoints.staging_dir(root, step)
-    (staging / "policy").mkdir(parents=True)
-    (staging / "policy" / "model.safetensors").write_bytes(payload * 100)
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(payload * 100)
     return checkpoints.commit(root, step, {"step": step, "sampler": {"epoch": 0, "position": step}}, keep_last=2)
 
 
@@ -19,22 +19,22 @@ def test_commit_renames_and_keeps_last_k(tmp_path):
     folder, state = checkpoints.latest_valid(tmp_path)
     assert folder.name == "step-000003" and state["step"] == 3
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest) == {"policy/model.safetensors", "state.json"}
+    assert set(manifest) == {"model.safetensors", "state.json"}
 
 
 def test_truncated_latest_weights_fall_back_to_previous(tmp_path, caplog):
     fake_checkpoint(tmp_path, 1)
     latest = fake_checkpoint(tmp_path, 2)
-    weights = latest / "policy" / "model.safetensors"
+    weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     folder, state = checkpoints.latest_valid(tmp_path)
     assert folder.name == "step-000001" and state["step"] == 1
-    assert "checksum mismatch in policy/model.safetensors" in caplog.text
+    assert "checksum mismatch in model.safetensors" in caplog.text
 
 
 def test_incomplete_staging_and_missing_manifest_are_ignored(tmp_path):
     fake_checkpoint(tmp_path, 1)
-    (checkpoints.staging_dir(tmp_path, 2) / "policy").mkdir(parents=True)  # a crash mid-write
+    checkpoints.staging_dir(tmp_path, 2).mkdir(parents=True)  # a crash mid-write
     no_manifest = checkpoints.step_dir(tmp_path, 3)
     no_manifest.mkdir()
     (no_manifest / "state.json").write_text("{}")

@@ -106,7 +106,7 @@ def test_final_checkpoint_is_complete_and_loadable(first_run):
     tmp_path, _, result = first_run
     folder, state = latest_valid(tmp_path / "checkpoints")
     assert state["step"] == 3 and folder.name == "step-000003"
-    AutoModelForImageTextToText.from_pretrained(folder / "policy")
+    AutoModelForImageTextToText.from_pretrained(folder)
 
 
 def test_resume_continues_with_the_same_next_batch(first_run, tmp_path):
