@@ -16,7 +16,9 @@ THINKING_INSTRUCTION = (
     "First output the thinking process in <think> </think> tags and then output the final answer "
     "with only one score in <answer> </answer> tags."
 )
-NO_THINKING_INSTRUCTION = "Please only output the final answer with only one score in <answer> </answer> tags."
+NO_THINKING_INSTRUCTION = (
+    "Please only output the final answer with only one score in <answer> </answer> tags."
+)
 
 
 def prompt_question(thinking: bool) -> str:

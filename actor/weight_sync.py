@@ -1,0 +1,204 @@
+"""Moving the learner's weights into running vLLM engines.
+
+Two transports, chosen by device (`use_nccl_transport()`: CUDA available):
+
+CPU (and any machine without CUDA) -- bytes through the control plane:
+    learner: `serialize_buckets(model.named_parameters())` -> list of safetensors blobs (<= 64 MiB each,
+             no pickle) -> `RolloutEngine.update_weights(buckets)` (via Ray when remote).
+    engine:  `LLM.collective_rpc("load_weight_buckets", buckets)` runs `WeightSyncExtension` on every
+             vLLM worker, which feeds `iterate_buckets(buckets)` to the worker's `reload_weights`.
+    The reload path matters: the CPU linear layers prepack their weights and drop `layer.weight`, so a
+    direct `model.load_weights` leaves the old weights in use; `reload_weights` re-runs post-load processing.
+
+GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
+    every engine is built with `weight_transfer_config={"backend": "nccl"}`; `NcclWeightSender` (learner
+    rank 0) opens an NCCL group with all vLLM workers (`init_weight_transfer_engine`) once, and each push
+    runs `start_weight_update` / `update_weights` (packed bucketed broadcast from rank 0, received by the
+    workers concurrently) / `finish_weight_update` through `RolloutWorkersClient`, which drives the Ray
+    rollout actors. The caches are reset by `RolloutEngine.finish_weight_update`. This path cannot run on
+    the CPU machines this project is tested on.
+
+Names are Hugging Face names (either the learner's `model.language_model.*` / `model.visual.*` or the
+checkpoint's `model.*` / `visual.*`): vLLM's Qwen2.5-VL loader maps both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+def serialize_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> list[bytes]:
+    """Pack named tensors into safetensors blobs of at most `bucket_bytes` (a larger tensor gets its own)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    buckets: list[bytes] = []
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = 0
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if name in seen:
+            raise ValueError(f"tensor {name!r} appears twice in the weights to push")
+        seen.add(name)
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (tied weights, views): give those their own copy.
+        if any(
+            t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in current.values()
+        ):
+            tensor = tensor.clone()
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and current_bytes + nbytes > bucket_bytes:
+            buckets.append(safetensors_save(current))
+            current, current_bytes = {}, 0
+        current[name] = tensor
+        current_bytes += nbytes
+    if current:
+        buckets.append(safetensors_save(current))
+    return buckets
+
+
+def iterate_buckets(buckets: Iterable[bytes]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of serialised buckets, bucket by bucket (safetensors orders names within one)."""
+    for index, blob in enumerate(buckets):
+        try:
+            tensors = safetensors_load(bytes(blob))
+        except SafetensorError as exc:
+            raise ValueError(f"weight bucket {index} is not a valid safetensors blob: {exc}") from exc
+        yield from tensors.items()
+
+
+class WeightSyncExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`): loads pushed weights via the reload path."""
+
+    def load_weight_buckets(self, buckets: list[bytes]) -> int:
+        loaded = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal loaded
+            for item in iterate_buckets(buckets):
+                loaded += 1
+                yield item
+
+        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        return loaded
+
+
+WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU path: NCCL broadcast through vLLM's native weight-transfer API.
+# ---------------------------------------------------------------------------------------------------
+
+
+def use_nccl_transport() -> bool:
+    return torch.cuda.is_available()
+
+
+def engine_weight_transfer_config() -> dict[str, str] | None:
+    """`LLM(weight_transfer_config=...)`: the NCCL backend on CUDA, none on the CPU (collective_rpc path)."""
+    return {"backend": "nccl"} if use_nccl_transport() else None
+
+
+class RolloutWorkersClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our Ray `RolloutWorker` actors.
+
+    Unlike vLLM's `RayVLLMWeightSyncClient` (which assumes one engine), each independent engine gets its
+    own NCCL rank offset: engine i's workers take ranks 1 + i * workers_per_engine ... (rank 0 = learner).
+    """
+
+    def __init__(self, handles: list, workers_per_engine: int, timeout_s: float | None = None) -> None:
+        self.handles = handles
+        self.workers_per_engine = workers_per_engine
+        self.timeout_s = timeout_s
+
+    def _wait(self, calls: list) -> None:
+        import ray
+
+        ray.get(calls, timeout=self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._wait(
+            [
+                handle.init_weight_transfer.remote(
+                    {**init_info, "rank_offset": 1 + i * self.workers_per_engine}
+                )
+                for i, handle in enumerate(self.handles)
+            ]
+        )
+
+    def start_weight_update(self) -> None:
+        self._wait([handle.start_weight_update.remote() for handle in self.handles])
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self._wait([handle.receive_weight_update.remote(update_info) for handle in self.handles])
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._wait([handle.finish_weight_update.remote() for handle in self.handles])
+
+
+class NamedTensorSource:
+    """vLLM's `WeightSource` (duck-typed, so vLLM is imported only when used): the tensors a callable
+    yields (e.g. only the trainable parameters), read afresh on every push."""
+
+    def __init__(self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        self._named_tensors = named_tensors
+
+    def metadata(self) -> list:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._named_tensors()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self._named_tensors():
+            yield name, tensor.detach()
+
+
+class NcclWeightSender:
+    """Learner rank 0's end of the NCCL push: one group with every vLLM worker, opened once.
+
+    The rollout engines must have been built on CUDA (`engine_weight_transfer_config()`), and
+    `master_address:master_port` must be reachable from them (the learner's node, a free port).
+    """
+
+    def __init__(
+        self,
+        named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+        rollout_handles: list,
+        *,
+        master_address: str,
+        master_port: int,
+        workers_per_engine: int = 1,
+        timeout_s: float | None = None,
+    ) -> None:
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        client = RolloutWorkersClient(rollout_handles, workers_per_engine, timeout_s)
+        init_info = NCCLTrainerInitInfo(
+            master_address=master_address,
+            master_port=master_port,
+            world_size=1 + len(rollout_handles) * workers_per_engine,
+            rank=0,
+        )
+        self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
+            init_info, client=client, source=NamedTensorSource(named_tensors)
+        )
+
+    def push(self) -> None:
+        """start_weight_update -> packed broadcast (workers receive concurrently) -> finish (caches reset)."""
+        self._engine.send_weights()
+
+    def close(self) -> None:
+        self._engine.shutdown()

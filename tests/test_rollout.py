@@ -1,0 +1,195 @@
+"""RolloutEngine on the real CPU vLLM with the tiny checkpoint, checked against transformers.
+
+One in-process engine is shared by the whole module; the weight-push tests run last because they
+change its weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cluster.runtime_env import apply_default_env
+
+apply_default_env()
+
+from actor.rollout_engine import VISION_SPECIAL_TOKENS, RolloutEngine  # noqa: E402
+from actor.weight_sync import serialize_buckets  # noqa: E402
+from configs.schema import ModelConfig, RolloutConfig  # noqa: E402
+from learner.grpo import token_logprobs  # noqa: E402
+from learner.model_factory import build_checkpoint  # noqa: E402
+from rewards.parsing import extract_score  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MAX_NEW_TOKENS = 24
+
+
+def noise_image(seed: int, height: int = 84, width: int = 112) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint("tiny", tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    rollout_cfg = RolloutConfig(max_new_tokens=MAX_NEW_TOKENS, enforce_eager=True, kv_cache_gib=0.25, seed=0)
+    engine = RolloutEngine(checkpoint, ModelConfig(preset="tiny", dtype="float32"), rollout_cfg)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def vision_token_ids(engine: RolloutEngine) -> list[int]:
+    return [engine.processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
+
+
+def hf_inputs(engine: RolloutEngine, image: Image.Image, thinking: bool = True):
+    return engine.processor(text=[engine.prompt_texts[thinking]], images=[image], return_tensors="pt")
+
+
+def hf_greedy(engine: RolloutEngine, model, image: Image.Image) -> list[int]:
+    """transformers' greedy decode under the engine's rules: vision tokens suppressed, stop at <|im_end|>."""
+    inputs = hf_inputs(engine, image)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            suppress_tokens=vision_token_ids(engine),
+            eos_token_id=engine.stop_token_ids,
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def hf_completion_logprobs(
+    engine: RolloutEngine, model, image: Image.Image, completion: list[int]
+) -> torch.Tensor:
+    """log p(completion token | prefix) from one transformers forward over prompt + completion."""
+    inputs = hf_inputs(engine, image)
+    prompt_len = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([completion])], dim=1)
+    # mm_token_type_ids marks the image tokens; without it transformers gives them text (1-D) rope positions.
+    token_types = torch.cat(
+        [inputs["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1
+    )
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=token_types,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+        ).logits
+    return token_logprobs(logits[:, prompt_len - 1 : -1], ids[:, prompt_len:])[0]
+
+
+def assert_greedy_matches_transformers(engine: RolloutEngine, model, image: Image.Image) -> list[int]:
+    completion = engine.generate([image], 1, temperature=0.0)[0].completions[0]
+    assert completion.token_ids == hf_greedy(engine, model, image)
+    expected = hf_completion_logprobs(engine, model, image, completion.token_ids)
+    torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-5, rtol=0)
+    return completion.token_ids
+
+
+def test_prompt_token_ids_equal_the_processors(engine):
+    image_pad = engine.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    images = [noise_image(0), noise_image(1, 56, 224)]
+    for thinking in (True, False):
+        rollouts = engine.generate(images, 1, seed=0, thinking=thinking)
+        for image, rollout in zip(images, rollouts, strict=True):
+            inputs = hf_inputs(engine, image, thinking)
+            assert rollout.prompt_token_ids == inputs["input_ids"][0].tolist()
+            # The placeholder was expanded exactly once: one pad per merged 2x2 patch.
+            expected_pads = int(inputs["image_grid_thw"][0].prod()) // 4
+            assert rollout.prompt_token_ids.count(image_pad) == expected_pads
+    assert len(rollouts[0].prompt_token_ids) != len(rollouts[1].prompt_token_ids)
+
+
+def test_greedy_tokens_and_logprobs_equal_transformers(engine, hf_model):
+    for seed in (0, 1):
+        tokens = assert_greedy_matches_transformers(engine, hf_model, noise_image(seed))
+        assert len(tokens) > 0
+
+
+def test_encoded_image_bytes_and_paths_give_the_same_rollout(engine, tmp_path):
+    image = noise_image(2)
+    path = tmp_path / "image.png"
+    image.save(path)
+    from_pil, from_bytes, from_path = engine.generate([image, path.read_bytes(), path], 1, temperature=0.0)
+    assert from_bytes.prompt_token_ids == from_pil.prompt_token_ids == from_path.prompt_token_ids
+    assert from_bytes.completions[0].token_ids == from_pil.completions[0].token_ids
+    assert from_path.completions[0].token_ids == from_pil.completions[0].token_ids
+
+
+def test_group_sampling_counts_grouping_and_parse_flags(engine):
+    images = [noise_image(10), noise_image(11), noise_image(12, 140, 112)]
+    rollouts = engine.generate(images, 8, temperature=1.0, seed=123)
+    assert [len(r.completions) for r in rollouts] == [8, 8, 8]
+    for image, rollout in zip(images, rollouts, strict=True):
+        # Each group belongs to its own image: its prompt carries that image's token count.
+        assert rollout.prompt_token_ids == hf_inputs(engine, image)["input_ids"][0].tolist()
+        assert len({tuple(c.token_ids) for c in rollout.completions}) > 1
+        for completion in rollout.completions:
+            assert 0 < len(completion.token_ids) <= MAX_NEW_TOKENS
+            assert len(completion.logprobs) == len(completion.token_ids)
+            assert all(lp <= 0.0 for lp in completion.logprobs)
+            assert completion.score == extract_score(completion.text)
+            assert completion.parse_ok == (completion.score is not None)
+            assert completion.truncated == (completion.token_ids[-1] not in engine.stop_token_ids)
+            assert not set(completion.token_ids[:-1]) & set(engine.stop_token_ids)
+    # The same seed reproduces the samples.
+    again = engine.generate(images[:1], 8, temperature=1.0, seed=123)
+    assert [c.token_ids for c in again[0].completions] == [c.token_ids for c in rollouts[0].completions]
+
+
+def test_vision_tokens_are_never_sampled(engine, hf_model):
+    banned = set(vision_token_ids(engine))
+    # The random tiny model gives these tokens real probability: greedy transformers picks one here.
+    inputs = hf_inputs(engine, noise_image(0))
+    with torch.no_grad():
+        unrestricted = hf_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    assert banned & set(unrestricted[0, inputs["input_ids"].shape[1] :].tolist())
+    rollouts = engine.generate([noise_image(s) for s in range(4)], 16, temperature=1.5, seed=7)
+    sampled = {t for r in rollouts for c in r.completions for t in c.token_ids}
+    assert not banned & sampled
+
+
+def test_weight_push_makes_vllm_follow_the_new_weights(engine, hf_model):
+    image = noise_image(3)
+    before = assert_greedy_matches_transformers(engine, hf_model, image)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    version = engine.weight_version
+    # Learner-side names (model.language_model.*, model.visual.*), several buckets.
+    buckets = serialize_buckets(hf_model.named_parameters(), bucket_bytes=256 << 10)
+    assert len(buckets) > 3
+    assert engine.update_weights(buckets) == version + 1
+    after = assert_greedy_matches_transformers(engine, hf_model, image)
+    assert after != before
+
+
+def test_partial_push_of_trainable_weights_keeps_the_others(engine, hf_model):
+    # freeze_vision: only the language model is pushed; vision weights in vLLM must stay as they are.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if "visual" not in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    trainable = [(n, p) for n, p in hf_model.named_parameters() if "visual" not in n]
+    engine.update_weights(serialize_buckets(trainable))
+    for seed in (4, 5):
+        assert_greedy_matches_transformers(engine, hf_model, noise_image(seed))
