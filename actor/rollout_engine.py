@@ -144,7 +144,8 @@ class RolloutEngine:
         caller can ship each image's file bytes once instead of G pixel copies.
 
         seed=None draws from the engine's generator (seeded once by rollout.seed, so successive calls
-        differ); an int makes the call reproducible (image i uses seed + i, sample k seed + i + k).
+        differ); an int makes the call reproducible: sample k of image i uses seed + i * n + k (vLLM seeds
+        the k-th child request with seed + k), so no two samples of the call share a random stream.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -159,7 +160,7 @@ class RolloutEngine:
             for image in images
         ]
         params = [
-            self.sampling_params(n, temperature, None if seed is None else seed + i)
+            self.sampling_params(n, temperature, None if seed is None else seed + i * n)
             for i in range(len(images))
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -47,7 +47,7 @@ def run_eval_command(args) -> int:
         config.model_copy(update={"tracking": config.tracking.model_copy(update={"run_name": "eval"})})
     )
     out_dir = Path(args.out or Path(config.train.output_dir) / "eval")
-    metrics = run_evaluation(
+    report = run_evaluation(
         eval_split,
         score_images,
         out_dir,
@@ -59,6 +59,6 @@ def run_eval_command(args) -> int:
         prefix="eval",
     )
     tracker.finish()
-    print(json.dumps(metrics, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
     print(f"model {model_path}\noutputs in {out_dir}\n{tracker.describe()}")
     return 0

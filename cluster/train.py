@@ -153,6 +153,8 @@ def shard(items: list, parts: int) -> list[list]:
 
 def load_data(config):
     """Train and eval splits, split by reference; bad rows stop the run or are reported and skipped."""
+    from datasets import concatenate_datasets
+
     from iqa.splits import load_splits
 
     train_splits, train_report = load_splits(config.data.train, config.data)
@@ -160,7 +162,10 @@ def load_data(config):
     for report in (train_report, eval_report):
         if report.bad:
             log.warning("\n".join(report.lines()))
-    eval_split = eval_splits[config.eval.split]
+    if config.eval.split == "all":
+        eval_split = concatenate_datasets([eval_splits[name] for name in ("train", "val", "test")])
+    else:
+        eval_split = eval_splits[config.eval.split]
     if config.eval.max_images is not None and len(eval_split) > config.eval.max_images:
         eval_split = eval_split.shuffle(seed=config.data.split_seed).select(range(config.eval.max_images))
     return train_splits["train"], eval_split, train_report.merge(eval_report)
@@ -181,13 +186,17 @@ def generate(system: System, config, images: list[bytes], step: int) -> list:
     (current weights loaded) and the step's generation redone, up to cluster.max_worker_restarts times."""
     import ray
 
+    num_generations = config.rollout.num_generations
+    # Distinct random streams for every sample of the run: each step and shard gets its own seed range.
+    step_seed = config.rollout.seed + step * len(images) * num_generations
     while True:
         shards = shard(list(range(len(images))), len(system.rollout_workers))
         refs = [
             worker.generate.remote(
-                [images[i] for i in indices], config.rollout.num_generations, seed=config.rollout.seed + step
+                [images[i] for i in indices], num_generations, seed=step_seed + indices[0] * num_generations
             )
             for worker, indices in zip(system.rollout_workers, shards, strict=True)
+            if indices
         ]
         try:
             per_worker = wait(refs, config, "generate", step, "rollout workers")
@@ -267,7 +276,8 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
 
 
 def evaluate(system: System, config, eval_split, tracker, label: str, step: int) -> dict:
-    """Score the held-out split through the rollout workers (the current policy) and log the metrics."""
+    """Score the held-out split through the rollout workers (the current policy) and log the metrics;
+    returns the metrics over all its images (srcc, plcc, ..., parse_failure_rate)."""
     from iqa.evaluate import run_evaluation
 
     def score_images(images) -> list[list[float | None]]:
@@ -287,7 +297,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
         return rollout_scores([rollout for rollouts in per_worker for rollout in rollouts])
 
     out_dir = Path(config.train.output_dir) / f"eval-{label}"
-    metrics = run_evaluation(
+    report = run_evaluation(
         eval_split,
         score_images,
         out_dir,
@@ -299,7 +309,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
         prefix=f"eval_{label}",
         step=step,
     )
-    return metrics
+    return {**report["overall"], "parse_failure_rate": report["sample_parse_failure_rate"]}
 
 
 def sample_rows(step: int, ids: list[str], rollouts: list, rewards, limit: int = 4) -> list[dict]:
@@ -486,7 +496,7 @@ def weight_sync_gap(system: System, config, image: bytes, prompt: str, step: int
         # Every rank takes part (a ZeRO-3 forward is collective); rank 0's answer is used.
         refs = [learner.logprobs.remote([sample]) for learner in system.learners]
         per_rank = wait(refs, config, "sync check", step, "learners")
-        learner_logprobs = per_rank[0][0][0]
+        learner_logprobs = per_rank[0][0]  # rank 0, the one completion
         gaps.append(max(abs(a - b) for a, b in zip(completion.logprobs, learner_logprobs, strict=True)))
     return max(gaps)
 

@@ -182,7 +182,8 @@ class CheckpointConfig(Section):
 
 
 class EvalConfig(Section):
-    split: Literal["train", "val", "test"] = "test"
+    # "all": the whole eval datasets, as in zero-shot cross-dataset evaluation.
+    split: Literal["train", "val", "test", "all"] = "test"
     every: int = Field(0, ge=0, description="steps between evaluations; 0 = before and after only")
     num_samples: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0.0)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -111,8 +113,6 @@ def test_final_checkpoint_is_complete_and_loadable(first_run):
 
 def test_resume_continues_with_the_same_next_batch(first_run, tmp_path):
     """Stop after step 2 of a fresh run, resume to step 3: the batches equal the uninterrupted run's."""
-    import shutil
-
     from cluster.train import run
 
     first_tmp, _, _ = first_run
@@ -138,6 +138,8 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
     """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards."""
     bin_dir = Path(sys.executable).parent
     gcs_port, dashboard_port = free_port(), free_port()
+    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them.
+    ray_dir = Path(tempfile.mkdtemp(prefix="vqr1-ray-", dir="/tmp"))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = subprocess.run(
         [
@@ -150,7 +152,7 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={ray_dir}",
         ],
         env=env,
         capture_output=True,
@@ -184,7 +186,8 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
         assert "step 1/1" in job.stdout
         assert (tmp_path / "checkpoints" / "step-000001" / "manifest.json").is_file()
     finally:
-        stop_processes_of(tmp_path / "ray")
+        stop_processes_of(ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def stop_processes_of(temp_dir: Path) -> None:
