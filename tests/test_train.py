@@ -140,7 +140,8 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
     # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them.
     ray_dir = Path(tempfile.mkdtemp(prefix="vqr1-ray-", dir="/tmp"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication on both sides: the head requires it, and the job client sends ~/.ray/auth_token.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     head = subprocess.run(
         [
             str(bin_dir / "ray"),
