@@ -43,6 +43,8 @@ def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step(
 
     config = load_config("cpu-tiny", ["cluster.call_timeout_s=2"])
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # Ray's workers cannot import this test module: ship the Sleeper class by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         sleeper = ray.remote(Sleeper).options(num_cpus=0).remote()
         started = time.monotonic()
