@@ -448,7 +448,7 @@ def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str,
     with timer("reward"):
         texts = [[c.text for c in rollout.completions] for rollout in rollouts]
         rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
-    advantages = group_advantages(torch.from_numpy(rewards.total), config.learner.advantage)
+    advantages = group_advantages(torch.tensor(rewards.total), config.learner.advantage)
     with timer("train"):
         learner_metrics = update(system, config, images, prompt, rollouts, advantages, step)
     with timer("weight_push"):
