@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-cpu
 # pip's find-links/extra-index warnings on this machine are noise; keep real errors.
-PIP_QUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
+PIP_QUIET := sed -E "/is ignored: it is neither a file nor a directory/d"
 PRESET ?= cpu-default
 ARGS ?=
 

@@ -179,7 +179,7 @@ def run_score(args) -> int:
                     results.append(ImageScore(path=str(path), error=exc.reason))
                     tqdm.write(format_line(results[-1]))
             rollouts = engine.generate(
-                [image for _, image in loaded], args.num_samples, seed=args.seed + start
+                [image for _, image in loaded], args.num_samples, seed=args.seed + start * args.num_samples
             )
             for (path, _), rollout in zip(loaded, rollouts, strict=True):
                 results.append(summarise(str(path), rollout.completions))

@@ -39,7 +39,6 @@ def run_eval_command(args) -> int:
             config.eval.num_samples,
             temperature=config.eval.temperature,
             thinking=config.eval.thinking,
-            seed=config.rollout.seed,
         )
         return rollout_scores(rollouts)
 

@@ -186,15 +186,12 @@ def generate(system: System, config, images: list[bytes], step: int) -> list:
     (current weights loaded) and the step's generation redone, up to cluster.max_worker_restarts times."""
     import ray
 
-    num_generations = config.rollout.num_generations
-    # Distinct random streams for every sample of the run: each step and shard gets its own seed range.
-    step_seed = config.rollout.seed + step * len(images) * num_generations
     while True:
         shards = shard(list(range(len(images))), len(system.rollout_workers))
+        # Unseeded requests: each engine's generator was seeded once (rollout.seed). Per-request seeds
+        # crash vLLM 0.32's CPU runner on large batches ("CPU Generator does not use offset").
         refs = [
-            worker.generate.remote(
-                [images[i] for i in indices], num_generations, seed=step_seed + indices[0] * num_generations
-            )
+            worker.generate.remote([images[i] for i in indices], config.rollout.num_generations)
             for worker, indices in zip(system.rollout_workers, shards, strict=True)
             if indices
         ]
@@ -288,7 +285,6 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
                 config.eval.num_samples,
                 temperature=config.eval.temperature,
                 thinking=config.eval.thinking,
-                seed=config.rollout.seed,
             )
             for worker, part in zip(system.rollout_workers, shards, strict=True)
             if part
