@@ -10,7 +10,7 @@ PIP_QUIET := sed -E "/is ignored: it is neither a file nor a directory/d"
 PRESET ?= cpu-default
 ARGS ?=
 
-.PHONY: setup test test-fast lint bench train eval mlflow-ui clean
+.PHONY: setup test test-fast lint bench train eval mlflow-ui clean base-model
 
 setup: $(STAMP)
 
@@ -45,3 +45,6 @@ mlflow-ui: setup
 
 clean:
 	rm -rf outputs .cache .pytest_cache
+
+base-model: setup
+	$(PY) -m learner.base_model --preset small --threads 2 --out outputs/base-model
