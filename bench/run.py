@@ -15,7 +15,11 @@ from cluster.runtime_env import apply_default_env
 SECTIONS = {
     "fidelity": "bench.fidelity",
     "rollout": "bench.rollout",
+    "step": "bench.step",
+    # Our step against TRL's GRPOTrainer (~30 min; needs `bash bench/setup_trl_venv.sh` first).
+    "compare": "bench.compare",
 }
+DEFAULT_SECTIONS = ["fidelity", "rollout", "step"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -39,7 +43,7 @@ def machine_facts() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=DEFAULT_SECTIONS)
     args = parser.parse_args()
     apply_default_env()
     results = {"machine": machine_facts()}

@@ -204,7 +204,9 @@ def generate(system: System, config, images: list[bytes], step: int) -> list:
             replace_dead_rollout_workers(system, config, step, exc)
 
 
-def replace_dead_rollout_workers(system: System, config, step: int, cause: Exception) -> None:
+def replace_dead_rollout_workers(
+    system: System, config, step: int, cause: Exception, phase: str = "generate"
+) -> None:
     import ray
 
     dead = []
@@ -217,7 +219,7 @@ def replace_dead_rollout_workers(system: System, config, step: int, cause: Excep
         raise cause
     if system.rollout_restarts + len(dead) > config.cluster.max_worker_restarts:
         raise RemoteCallError(
-            f"step {step}, phase generate: rollout worker(s) {dead} died and the "
+            f"step {step}, phase {phase}: rollout worker(s) {dead} died and the "
             f"cluster.max_worker_restarts={config.cluster.max_worker_restarts} restarts of this run are used up"
         ) from cause
     for index in dead:
@@ -269,7 +271,19 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
     )
     buckets = ray.put(gathered[0])
     targets = system.rollout_workers if workers is None else workers
-    wait([w.update_weights.remote(buckets) for w in targets], config, "weight push", step, "rollout workers")
+    try:
+        wait(
+            [w.update_weights.remote(buckets) for w in targets],
+            config,
+            "weight push",
+            step,
+            "rollout workers",
+        )
+    except RemoteCallError as exc:
+        if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+            raise
+        # A worker that died here is replaced, and the replacement is loaded with these same weights.
+        replace_dead_rollout_workers(system, config, step, exc, phase="weight push")
 
 
 def evaluate(system: System, config, eval_split, tracker, label: str, step: int) -> dict:

@@ -9,7 +9,9 @@ def fake_checkpoint(root, step, payload=b"weights"):
     staging = checkpoints.staging_dir(root, step)
     staging.mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(payload * 100)
-    return checkpoints.commit(root, step, {"step": step, "sampler": {"epoch": 0, "position": step}}, keep_last=2)
+    return checkpoints.commit(
+        root, step, {"step": step, "sampler": {"epoch": 0, "position": step}}, keep_last=2
+    )
 
 
 def test_commit_renames_and_keeps_last_k(tmp_path):

@@ -29,6 +29,22 @@ def overrides(tmp_path: Path, steps: int, *extra: str) -> list[str]:
     ]
 
 
+def kill_rollout_workers_of(pid: int) -> list[int]:
+    """SIGKILL the rollout worker processes started by the run `pid` (Ray's workers are its descendants),
+    never another Ray session's on the same machine."""
+    import psutil
+
+    killed = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if any("RolloutWorker" in part for part in child.cmdline()):
+                child.kill()
+                killed.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return killed
+
+
 class Sleeper:
     def nap(self, seconds: float) -> str:
         time.sleep(seconds)
@@ -61,8 +77,6 @@ def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step(
 @pytest.mark.slow
 def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path):
     """SIGKILL the rollout worker's process after step 1: the run still ends after 3 steps."""
-    import psutil
-
     command = [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides(tmp_path, 3)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -72,10 +86,7 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path):
         for line in process.stdout:
             lines.append(line)
             if line.startswith("step 1/3") and not killed:
-                for candidate in psutil.process_iter(["cmdline"]):
-                    if any("RolloutWorker" in part for part in candidate.info["cmdline"] or []):
-                        candidate.kill()
-                        killed.append(candidate.pid)
+                killed.extend(kill_rollout_workers_of(process.pid))
 
     reader = threading.Thread(target=kill_rollout_worker_after_first_step)
     reader.start()
@@ -104,8 +115,6 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path):
 @pytest.mark.slow
 def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path):
     """With no restarts allowed, a killed rollout worker ends the run with an error naming the limit."""
-    import psutil
-
     command = [
         sys.executable,
         "-m",
@@ -119,9 +128,7 @@ def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path):
     for line in process.stdout:
         output.append(line)
         if line.startswith("step 1/3"):
-            for candidate in psutil.process_iter(["cmdline"]):
-                if any("RolloutWorker" in part for part in candidate.info["cmdline"] or []):
-                    candidate.kill()
+            kill_rollout_workers_of(process.pid)
     returncode = process.wait(timeout=600)
     text = "".join(output)
     assert returncode != 0
