@@ -435,9 +435,14 @@ def run(config) -> dict:
         print(f"training curves: {curves}")
         tracker.finish()
         return {"before": before, "after": after, "checkpoint": str(final), "mlflow_run_id": tracker.run_id}
-    except BaseException:
+    except BaseException as exc:
         if tracker is not None:
             tracker.finish(status="FAILED")
+        last_good = checkpoints.latest_valid(Path(config.checkpoint.dir))
+        where = (
+            f"the last good checkpoint is {last_good[0]}" if last_good else "no checkpoint was written yet"
+        )
+        print(f"run failed: {exc}\n{where}; continue with checkpoint.resume=true", file=sys.stderr)
         raise
     finally:
         ray.shutdown()
