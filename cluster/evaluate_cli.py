@@ -22,10 +22,8 @@ def add_eval_parser(subparsers) -> None:
 def run_eval_command(args) -> int:
     from actor.rollout_engine import RolloutEngine
     from cluster.tracking import Tracker
-    from cluster.train import load_data, rollout_scores
+    from cluster.train import evaluate_split, load_data, rollout_scores
     from configs.load import load_config
-    from iqa.evaluate import run_evaluation
-    from iqa.images import load_image
     from learner.model_factory import resolve_model_path
 
     config = load_config(args.config, args.overrides)
@@ -35,7 +33,7 @@ def run_eval_command(args) -> int:
 
     def score_images(images) -> list[list[float | None]]:
         rollouts = engine.generate(
-            [load_image(image) if isinstance(image, bytes | str | Path) else image for image in images],
+            images,
             config.eval.num_samples,
             temperature=config.eval.temperature,
             thinking=config.eval.thinking,
@@ -46,18 +44,8 @@ def run_eval_command(args) -> int:
         config.model_copy(update={"tracking": config.tracking.model_copy(update={"run_name": "eval"})})
     )
     out_dir = Path(args.out or Path(config.train.output_dir) / "eval")
-    report = run_evaluation(
-        eval_split,
-        score_images,
-        out_dir,
-        num_samples=config.eval.num_samples,
-        temperature=config.eval.temperature,
-        thinking=config.eval.thinking,
-        bootstrap=config.eval.bootstrap,
-        mlflow_run=tracker.run,
-        prefix="eval",
-    )
+    metrics = evaluate_split(config, eval_split, score_images, out_dir, tracker.run, "eval", 0)
     tracker.finish()
-    print(json.dumps(report, indent=2, default=str))
+    print(json.dumps(metrics, indent=2, default=str))
     print(f"model {model_path}\noutputs in {out_dir}\n{tracker.describe()}")
     return 0

@@ -289,7 +289,6 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
 def evaluate(system: System, config, eval_split, tracker, label: str, step: int) -> dict:
     """Score the held-out split through the rollout workers (the current policy) and log the metrics;
     returns the metrics over all its images (srcc, plcc, ..., parse_failure_rate)."""
-    from iqa.evaluate import run_evaluation
 
     def score_images(images) -> list[list[float | None]]:
         shards = shard(list(images), len(system.rollout_workers))
@@ -307,6 +306,16 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
         return rollout_scores([rollout for rollouts in per_worker for rollout in rollouts])
 
     out_dir = Path(config.train.output_dir) / f"eval-{label}"
+    return evaluate_split(config, eval_split, score_images, out_dir, tracker.run, f"eval_{label}", step)
+
+
+def evaluate_split(
+    config, eval_split, score_images, out_dir: Path, mlflow_run, prefix: str, step: int
+) -> dict:
+    """run_evaluation with the config's decoding; returns the metrics over all images (srcc, plcc, ...,
+    parse_failure_rate). The files and per-dataset metrics go to out_dir and the MLflow run."""
+    from iqa.evaluate import run_evaluation
+
     report = run_evaluation(
         eval_split,
         score_images,
@@ -315,8 +324,8 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
         temperature=config.eval.temperature,
         thinking=config.eval.thinking,
         bootstrap=config.eval.bootstrap,
-        mlflow_run=tracker.run,
-        prefix=f"eval_{label}",
+        mlflow_run=mlflow_run,
+        prefix=prefix,
         step=step,
     )
     return {**report["overall"], "parse_failure_rate": report["sample_parse_failure_rate"]}

@@ -32,9 +32,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +50,7 @@ from iqa.images import load_image
 from learner.model_factory import (
     DEFAULT_CACHE_DIR,
     VISION_SPECIAL_TOKENS,
+    build_cached,
     build_checkpoint,
     load_processor,
 )
@@ -360,25 +359,6 @@ def train_cold_start(model, processor, photos, recipe: BaseModelRecipe) -> list[
 # ---------------------------------------------------------------- checkpoints
 
 
-def _build_cached(final: Path, write: Callable[[Path], None]) -> Path:
-    """`final`, written by `write(staging)` and renamed into place unless it is already there."""
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-building-", dir=final.parent))
-    try:
-        write(staging)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            # Another process finished the same build first; its checkpoint has the same recipe.
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
 def _save(model, source: Path, folder: Path, recipe: BaseModelRecipe, stage: str, record: dict) -> None:
     """The model's weights plus the source checkpoint's tokenizer, processor and generation config."""
     model.save_pretrained(folder)
@@ -422,7 +402,7 @@ def base_checkpoint(
         }
         _save(model, source, folder, recipe, "base", record)
 
-    return _build_cached(cache_dir / f"base-{recipe.preset}-{recipe.base_key()}", write)
+    return build_cached(cache_dir / f"base-{recipe.preset}-{recipe.base_key()}", write)
 
 
 def cold_start_checkpoint(
@@ -444,7 +424,7 @@ def cold_start_checkpoint(
         }
         _save(model, base, folder, recipe, "cold_start", record)
 
-    return _build_cached(cache_dir / f"cold-start-{recipe.preset}-{recipe.cold_start_key()}", write)
+    return build_cached(cache_dir / f"cold-start-{recipe.preset}-{recipe.cold_start_key()}", write)
 
 
 # ---------------------------------------------------------------- measurements

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -315,12 +316,18 @@ def build_checkpoint(
     spec = PRESETS[preset]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{preset}-{_checkpoint_key(spec, min_pixels, max_pixels, seed)}"
+    return build_cached(final, lambda staging: _write_checkpoint(spec, staging, min_pixels, max_pixels, seed))
+
+
+def build_cached(final: Path, write: Callable[[Path], None]) -> Path:
+    """`final`, written by `write(staging)` into a temporary sibling folder and renamed into place, unless
+    it is already there: a crash or a concurrent build never leaves a half-written checkpoint behind."""
     if (final / "config.json").is_file():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{preset}-building-", dir=cache_dir))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-building-", dir=final.parent))
     try:
-        _write_checkpoint(spec, staging, min_pixels, max_pixels, seed)
+        write(staging)
         try:
             os.rename(staging, final)
         except OSError:

@@ -17,18 +17,6 @@ from configs.load import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def overrides(tmp_path: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        f"train.steps={steps}",
-        f"train.output_dir={tmp_path / 'out'}",
-        f"checkpoint.dir={tmp_path / 'checkpoints'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"data.cache_dir={ROOT / '.cache' / 'vqr1'}",
-        "eval.max_images=4",
-        *extra,
-    ]
-
-
 def kill_rollout_workers_of(pid: int) -> list[int]:
     """SIGKILL the rollout worker processes started by the run `pid` (Ray's workers are its descendants),
     never another Ray session's on the same machine."""
@@ -75,9 +63,16 @@ def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step(
 
 
 @pytest.mark.slow
-def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path):
+def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_overrides):
     """SIGKILL the rollout worker's process after step 1: the run still ends after 3 steps."""
-    command = [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides(tmp_path, 3)]
+    command = [
+        sys.executable,
+        "-m",
+        "cluster.train",
+        "--config",
+        "cpu-tiny",
+        *tiny_overrides(tmp_path, 3, "eval.max_images=4"),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     killed: list[int] = []
@@ -113,7 +108,7 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path):
 
 
 @pytest.mark.slow
-def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path):
+def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path, tiny_overrides):
     """With no restarts allowed, a killed rollout worker ends the run with an error naming the limit."""
     command = [
         sys.executable,
@@ -121,7 +116,7 @@ def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path):
         "cluster.train",
         "--config",
         "cpu-tiny",
-        *overrides(tmp_path, 3, "cluster.max_worker_restarts=0"),
+        *tiny_overrides(tmp_path, 3, "eval.max_images=4", "cluster.max_worker_restarts=0"),
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []

@@ -47,17 +47,6 @@ STEP_METRICS = [
 ]
 
 
-def tiny_overrides(tmp_path: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        f"train.steps={steps}",
-        f"train.output_dir={tmp_path / 'out'}",
-        f"checkpoint.dir={tmp_path / 'checkpoints'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"data.cache_dir={ROOT / '.cache' / 'vqr1'}",
-        *extra,
-    ]
-
-
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
     return mlflow.tracking.MlflowClient(tracking_uri).get_metric_history(run_id, key)
 
@@ -67,7 +56,7 @@ def trained_batches(output_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, tiny_overrides):
     """A 3-step cpu-tiny run with a checkpoint after every step and weight-sync checks."""
     from cluster.train import run
 
@@ -111,7 +100,7 @@ def test_final_checkpoint_is_complete_and_loadable(first_run):
     AutoModelForImageTextToText.from_pretrained(folder)
 
 
-def test_resume_continues_with_the_same_next_batch(first_run, tmp_path):
+def test_resume_continues_with_the_same_next_batch(first_run, tmp_path, tiny_overrides):
     """Stop after step 2 of a fresh run, resume to step 3: the batches equal the uninterrupted run's."""
     from cluster.train import run
 
@@ -134,7 +123,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_job_submit_runs_the_tiny_job(tmp_path):
+def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
     """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards."""
     bin_dir = Path(sys.executable).parent
     gcs_port, dashboard_port = free_port(), free_port()
