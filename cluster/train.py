@@ -349,7 +349,7 @@ def sample_rows(step: int, ids: list[str], rollouts: list, rewards, limit: int =
 
 def step_line(step: int, steps: int, metrics: dict) -> str:
     return (
-        f"step {step + 1}/{steps} | reward {metrics['reward/total_mean']:.3f} "
+        f"step {step}/{steps} | reward {metrics['reward/total_mean']:.3f} "
         f"(fidelity {metrics['reward/fidelity_mean']:.3f}, format {metrics['reward/format_mean']:.2f}) | "
         f"parse fail {metrics['reward/parse_failure_rate']:.2f} | spread {metrics['score/spread_within_image']:.2f} | "
         f"kl {metrics['learner/kl']:.4f} | loss {metrics['learner/loss']:+.4f} | "
@@ -410,6 +410,7 @@ def run(config) -> dict:
             wait(loads, config, "resume", start_step, "learners")
             push_weights(system, config, start_step)
             sampler.state = SamplerState(**state["sampler"])
+            forget_trained_images_after(config, start_step)
             print(f"resumed from {folder} at step {start_step}")
         else:
             tracker.log_table([{"report": line} for line in data_report.lines()], "data_report.json")
@@ -421,17 +422,16 @@ def run(config) -> dict:
         before = None if resume else evaluate(system, config, eval_split, tracker, "before", 0)
         if before:
             srcc_at[0] = before["srcc"]
-        for step in range(start_step, config.train.steps):
+        # Steps are numbered from 1, as in the console, the errors, MLflow and the checkpoints.
+        for step in range(start_step + 1, config.train.steps + 1):
             batch = [train_split[int(i)] for i in sampler.next_batch()]
             metrics = grpo_step(system, config, step, batch, prompt, tracker)
-            history.append({"step": step + 1, **metrics})
+            history.append({"step": step, **metrics})
             print(step_line(step, config.train.steps, metrics), flush=True)
-            if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
-                srcc_at[step + 1] = evaluate(
-                    system, config, eval_split, tracker, f"step{step + 1}", step + 1
-                )["srcc"]
-            if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0:
-                save_checkpoint(system, config, step + 1, sampler, tracker)
+            if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
+                srcc_at[step] = evaluate(system, config, eval_split, tracker, f"step{step}", step)["srcc"]
+            if config.checkpoint.every and step % config.checkpoint.every == 0:
+                save_checkpoint(system, config, step, sampler, tracker)
 
         final = checkpoints.step_dir(Path(config.checkpoint.dir), config.train.steps)
         if not final.is_dir():
@@ -458,7 +458,7 @@ def run(config) -> dict:
 
 
 def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str, tracker) -> dict:
-    """One GRPO step: generate -> reward -> advantages -> update -> push weights -> log."""
+    """GRPO step number `step` (from 1): generate -> reward -> advantages -> update -> push weights -> log."""
     import torch
 
     from learner.grpo import group_advantages
@@ -499,10 +499,10 @@ def grpo_step(system: System, config, step: int, batch: list[dict], prompt: str,
     }
     if config.train.verify_weight_sync:
         metrics["sync/max_abs_logprob_diff"] = weight_sync_gap(system, config, images[0], prompt, step)
-    tracker.log_metrics(metrics, step=step + 1)
-    log_trained_images(config, step + 1, ids)
-    if step % config.tracking.sample_table_every == 0:
-        tracker.log_table(sample_rows(step + 1, ids, rollouts, rewards), f"samples/step-{step + 1:06d}.json")
+    tracker.log_metrics(metrics, step=step)
+    log_trained_images(config, step, ids)
+    if (step - 1) % config.tracking.sample_table_every == 0:
+        tracker.log_table(sample_rows(step, ids, rollouts, rewards), f"samples/step-{step:06d}.json")
     return metrics
 
 
@@ -531,6 +531,21 @@ def log_trained_images(config, step: int, ids: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "trained_images.jsonl").open("a") as handle:
         handle.write(json.dumps({"step": step, "image_ids": ids}) + "\n")
+
+
+def forget_trained_images_after(config, step: int) -> None:
+    """Drop the log lines of steps after `step`: a run killed after its last checkpoint trained them, but
+    those updates were lost with it, and the resumed run trains those images again."""
+    path = Path(config.train.output_dir) / "trained_images.jsonl"
+    if path.is_file():
+        kept = [entry for entry in read_trained_images(config.train.output_dir) if entry["step"] <= step]
+        path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def read_trained_images(output_dir: str | Path) -> list[dict]:
+    """The log of log_trained_images: one {"step", "image_ids"} per trained step, in order."""
+    lines = (Path(output_dir) / "trained_images.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -> None:

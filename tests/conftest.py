@@ -21,3 +21,17 @@ def tiny_overrides():
         ]
 
     return overrides
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory, tiny_overrides):
+    """An uninterrupted 3-step cpu-tiny run with a checkpoint after every step and weight-sync checks,
+    shared by the tests of the trainer and of its recovery (which compare their runs with it)."""
+    from cluster.train import run
+    from configs.load import load_config
+
+    tmp_path = tmp_path_factory.mktemp("run")
+    config = load_config(
+        "cpu-tiny", tiny_overrides(tmp_path, 3, "checkpoint.every=1", "train.verify_weight_sync=true")
+    )
+    return tmp_path, config, run(config)

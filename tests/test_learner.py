@@ -6,6 +6,7 @@ in all, most of it starting the actors).
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy as np
@@ -22,11 +23,12 @@ import ray  # noqa: E402
 
 from actor.prompts import build_prompt_text  # noqa: E402
 from actor.weight_sync import iterate_buckets  # noqa: E402
-from configs.schema import LearnerConfig, ModelConfig, PlacementConfig  # noqa: E402
-from learner.grpo import grpo_loss  # noqa: E402
+from configs.schema import LearnerConfig, ModelConfig, PlacementConfig, RewardConfig  # noqa: E402
+from learner.grpo import group_advantages, grpo_loss  # noqa: E402
 from learner.learner_actor import create_learner_group  # noqa: E402
 from learner.model_factory import build_checkpoint, load_processor  # noqa: E402
 from learner.policy import PolicySample, checkpoint_names, load_policy_model, sequence_logprobs  # noqa: E402
+from rewards.batch import batch_rewards  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -281,6 +283,40 @@ def test_micro_batch_count_must_match_the_config(zero2, shards):
     samples, advantages = shards[0]
     with pytest.raises(ray.exceptions.RayTaskError, match="micro-batches"):
         ray.get(zero2[0].train_step.remote(samples[:1], advantages[:1], 1, 8, 40), timeout=TIMEOUT_S)
+
+
+DEGENERATE_BATCHES = {
+    # texts of 4 images x 2 completions; MOS and datasets below
+    "every completion unparseable": [["no score"] * 2] * 4,
+    "all scores equal": [["<think>ok</think><answer>3</answer>"] * 2] * 4,
+    "one image per comparison group": [["<think>a</think><answer>2</answer>", "<answer>4.5</answer>"]] * 4,
+    "empty responses": [["", "<think></think><answer></answer>"]] * 4,
+}
+
+
+@pytest.mark.parametrize("on_parse_failure", ["random", "exclude"])
+@pytest.mark.parametrize("case", list(DEGENERATE_BATCHES))
+def test_degenerate_batches_give_finite_rewards_advantages_and_updates(
+    zero2, processor, shards, case, on_parse_failure
+):
+    """Reward -> advantages -> a real ZeRO-2 update on each degenerate batch: nothing is NaN or inf."""
+    texts = DEGENERATE_BATCHES[case]
+    datasets = ["a", "b", "c", "d"] if case == "one image per comparison group" else ["a"] * 4
+    rewards = batch_rewards(
+        texts, [1.0, 2.0, 3.0, 4.0], datasets, RewardConfig(on_parse_failure=on_parse_failure)
+    )
+    advantages = group_advantages(torch.tensor(rewards.total))
+    assert torch.isfinite(advantages).all(), (case, rewards.total)
+    # The same token shapes as the group was built for; an empty response is its end-of-text token alone.
+    eos = processor.tokenizer.eos_token_id
+    per_rank = advantages.tolist()
+    degenerate_shards = []
+    for rank, (samples, _) in enumerate(shards):
+        if case == "empty responses":
+            samples = [PolicySample(s.image, s.prompt, [[eos], *s.completions[1:]]) for s in samples]
+        degenerate_shards.append((samples, per_rank[2 * rank : 2 * rank + 2]))
+    metrics = train_step(zero2, degenerate_shards)
+    assert all(math.isfinite(value) for value in metrics.values()), (case, metrics)
 
 
 @pytest.fixture(scope="module")

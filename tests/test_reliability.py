@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -12,25 +13,73 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from cluster.train import read_trained_images
 from configs.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kill_rollout_workers_of(pid: int) -> list[int]:
-    """SIGKILL the rollout worker processes started by the run `pid` (Ray's workers are its descendants),
-    never another Ray session's on the same machine."""
+def kill_actors_of(pid: int, actor_class: str) -> list[int]:
+    """SIGKILL the processes of `actor_class` actors started by the run `pid` (Ray's workers are its
+    descendants), never another Ray session's on the same machine."""
     import psutil
 
     killed = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if any("RolloutWorker" in part for part in child.cmdline()):
+            if any(actor_class in part for part in child.cmdline()):
                 child.kill()
                 killed.append(child.pid)
         except psutil.NoSuchProcess:
             continue
     return killed
+
+
+def kill_process_tree(pid: int) -> list[int]:
+    """SIGKILL the driver and everything it started (Ray's GCS, raylet and workers): a node that dies."""
+    import psutil
+
+    driver = psutil.Process(pid)
+    processes = [*driver.children(recursive=True), driver]
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return [process.pid for process in processes]
+
+
+def run_driver(overrides: list[str], inject=None, timeout_s: float = 900) -> tuple[int, str, list[int]]:
+    """Run `python -m cluster.train --config cpu-tiny` on `overrides`; while it runs, `inject(pid, lines)`
+    is polled (every output line and every 0.2 s) until it returns the PIDs it killed. Returns the exit
+    code, the whole output and those PIDs."""
+    command = [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if inject is not None and not killed:
+                killed = inject(process.pid, list(lines))
+            time.sleep(0.2)
+        if process.poll() is None:
+            raise AssertionError(f"the run did not end within {timeout_s} s\n" + "".join(lines)[-3000:])
+    finally:
+        if process.poll() is None:
+            kill_process_tree(process.pid)
+        process.wait(timeout=60)
+    time.sleep(0.5)  # the reader thread drains what is left in the pipe
+    return process.returncode, "".join(lines), killed
+
+
+def kill_rollout_worker_after_step_1(pid: int, lines: list[str]) -> list[int]:
+    return kill_actors_of(pid, "RolloutWorker") if any(line.startswith("step 1/3") for line in lines) else []
+
+
+def committed(tmp_path, step: int) -> bool:
+    return (tmp_path / "checkpoints" / f"step-{step:06d}" / "manifest.json").is_file()
 
 
 class Sleeper:
@@ -65,41 +114,14 @@ def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step(
 @pytest.mark.slow
 def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_overrides):
     """SIGKILL the rollout worker's process after step 1: the run still ends after 3 steps."""
-    command = [
-        sys.executable,
-        "-m",
-        "cluster.train",
-        "--config",
-        "cpu-tiny",
-        *tiny_overrides(tmp_path, 3, "eval.max_images=4"),
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    killed: list[int] = []
 
-    def kill_rollout_worker_after_first_step():
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("step 1/3") and not killed:
-                killed.extend(kill_rollout_workers_of(process.pid))
-
-    reader = threading.Thread(target=kill_rollout_worker_after_first_step)
-    reader.start()
-    try:
-        returncode = process.wait(timeout=900)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        reader.join(timeout=30)
-    output = "".join(lines)
+    code, output, killed = run_driver(
+        tiny_overrides(tmp_path, 3, "eval.max_images=4"), kill_rollout_worker_after_step_1
+    )
     assert killed, "no rollout worker process was found to kill\n" + output[-3000:]
-    assert returncode == 0, output[-4000:]
+    assert code == 0, output[-4000:]
     assert "step 3/3" in output
-    steps = [
-        json.loads(line)["step"]
-        for line in (tmp_path / "out" / "trained_images.jsonl").read_text().splitlines()
-    ]
-    assert steps == [1, 2, 3]
+    assert [entry["step"] for entry in read_trained_images(tmp_path / "out")] == [1, 2, 3]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     history = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
         result["mlflow_run_id"], "events/rollout_worker_restarts"
@@ -110,22 +132,60 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_
 @pytest.mark.slow
 def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path, tiny_overrides):
     """With no restarts allowed, a killed rollout worker ends the run with an error naming the limit."""
-    command = [
-        sys.executable,
-        "-m",
-        "cluster.train",
-        "--config",
-        "cpu-tiny",
-        *tiny_overrides(tmp_path, 3, "eval.max_images=4", "cluster.max_worker_restarts=0"),
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if line.startswith("step 1/3"):
-            kill_rollout_workers_of(process.pid)
-    returncode = process.wait(timeout=600)
-    text = "".join(output)
-    assert returncode != 0
-    assert "cluster.max_worker_restarts=0" in text and "phase generate" in text
-    assert "the last good checkpoint is" in text or "no checkpoint was written yet" in text
+
+    overrides = tiny_overrides(tmp_path, 3, "eval.max_images=4", "cluster.max_worker_restarts=0")
+    code, output, killed = run_driver(overrides, kill_rollout_worker_after_step_1, timeout_s=600)
+    assert killed and code != 0
+    assert "cluster.max_worker_restarts=0" in output and "phase generate" in output
+    assert "the last good checkpoint is" in output or "no checkpoint was written yet" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("actor_class", "error"),
+    [
+        ("LearnerWorker", "run failed: step 2, phase update: learners died"),
+        ("RewardWorker", "run failed: step 2, phase reward: reward actor died"),
+    ],
+)
+def test_dead_learner_or_reward_actor_ends_the_run_naming_the_checkpoint_and_resume_finishes_it(
+    tmp_path, tiny_overrides, actor_class, error
+):
+    """Kill a learner rank (or the reward actor) once the step-1 checkpoint is committed: the run ends
+    with an error naming the dead actor and that checkpoint; `checkpoint.resume=true` completes it."""
+
+    def kill_after_first_checkpoint(pid, lines):
+        return kill_actors_of(pid, actor_class) if committed(tmp_path, 1) else []
+
+    overrides = tiny_overrides(tmp_path, 3, "eval.max_images=4", "checkpoint.every=1")
+    code, output, killed = run_driver(overrides, kill_after_first_checkpoint, timeout_s=600)
+    assert killed, f"no {actor_class} process was found to kill\n" + output[-3000:]
+    assert code != 0, output[-3000:]
+    assert error in output, output[-3000:]
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'step-000001'}" in output, output[-3000:]
+
+    code, output, _ = run_driver([*overrides, "checkpoint.resume=true"], timeout_s=600)
+    assert code == 0, output[-4000:]
+    assert "resumed from" in output and "at step 1" in output and "step 3/3" in output
+    assert [entry["step"] for entry in read_trained_images(tmp_path / "out")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_driver_killed_after_a_checkpoint_resumes_and_trains_the_uninterrupted_runs_images(
+    first_run, tmp_path, tiny_overrides
+):
+    """SIGKILL the driver and every process it started once the step-2 checkpoint is committed (a lost
+    node), then resume: the images trained at each step equal those of an uninterrupted run."""
+    first_tmp, _, _ = first_run
+    overrides = tiny_overrides(tmp_path, 3, "eval.max_images=4", "checkpoint.every=1")
+
+    def kill_everything_after_second_checkpoint(pid, lines):
+        return kill_process_tree(pid) if committed(tmp_path, 2) else []
+
+    code, output, killed = run_driver(overrides, kill_everything_after_second_checkpoint)
+    assert killed and code == -signal.SIGKILL, output[-3000:]
+
+    code, output, _ = run_driver([*overrides, "checkpoint.resume=true"])
+    assert code == 0, output[-4000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step-000002'} at step 2" in output
+    assert read_trained_images(tmp_path / "out") == read_trained_images(first_tmp / "out")

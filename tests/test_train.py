@@ -3,7 +3,6 @@ with 2 ranks, the reward actor and a real MLflow sqlite store."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -14,8 +13,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from configs.load import load_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,22 +48,6 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
     return mlflow.tracking.MlflowClient(tracking_uri).get_metric_history(run_id, key)
 
 
-def trained_batches(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "trained_images.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, tiny_overrides):
-    """A 3-step cpu-tiny run with a checkpoint after every step and weight-sync checks."""
-    from cluster.train import run
-
-    tmp_path = tmp_path_factory.mktemp("run")
-    config = load_config(
-        "cpu-tiny", tiny_overrides(tmp_path, 3, "checkpoint.every=1", "train.verify_weight_sync=true")
-    )
-    return tmp_path, config, run(config)
-
-
 def test_tiny_run_logs_every_metric_for_every_step(first_run):
     tmp_path, config, result = first_run
     uri = config.tracking.tracking_uri
@@ -98,23 +79,6 @@ def test_final_checkpoint_is_complete_and_loadable(first_run):
     folder, state = latest_valid(tmp_path / "checkpoints")
     assert state["step"] == 3 and folder.name == "step-000003"
     AutoModelForImageTextToText.from_pretrained(folder)
-
-
-def test_resume_continues_with_the_same_next_batch(first_run, tmp_path, tiny_overrides):
-    """Stop after step 2 of a fresh run, resume to step 3: the batches equal the uninterrupted run's."""
-    from cluster.train import run
-
-    first_tmp, _, _ = first_run
-    uninterrupted = trained_batches(first_tmp / "out")
-    # The checkpoint after step 2 of the first run, as if the job had died right after it.
-    shutil.copytree(first_tmp / "checkpoints" / "step-000002", tmp_path / "checkpoints" / "step-000002")
-    shutil.copy(first_tmp / "mlflow.db", tmp_path / "mlflow.db")
-    config = load_config("cpu-tiny", tiny_overrides(tmp_path, 3, "checkpoint.resume=true"))
-    result = run(config)
-    resumed = trained_batches(tmp_path / "out")
-    assert [b["step"] for b in resumed] == [3]
-    assert resumed[0]["image_ids"] == uninterrupted[2]["image_ids"]
-    assert result["before"] is None  # a resumed run does not evaluate "before" again
 
 
 def free_port() -> int:

@@ -1,0 +1,49 @@
+"""The learning-proof summary: per-run changes, the seeds' mean and spread, the evaluation noise, the control."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from cluster.proof import format_table, run_plan, summarize
+
+
+def result(before_srcc, after_srcc, before_plcc=0.0, after_plcc=0.0):
+    return {
+        "before": {"srcc": before_srcc, "plcc": before_plcc},
+        "after": {"srcc": after_srcc, "plcc": after_plcc},
+    }
+
+
+def test_summary_of_seeds_and_control():
+    summary = summarize(
+        {
+            "seed-0": result(0.1, 0.5, 0.2, 0.4),
+            "seed-1": result(0.0, 0.6, 0.1, 0.5),
+            "seed-2": result(0.2, 0.5, 0.0, 0.6),
+            "control-seed-0": result(0.1, 0.05),
+        }
+    )
+    srcc = summary["srcc"]
+    assert srcc["mean_change"] == pytest.approx((0.4 + 0.6 + 0.3) / 3)
+    assert srcc["sd_change"] == pytest.approx(0.152752523, rel=1e-6)
+    assert srcc["sd_before"] == pytest.approx(0.1)
+    assert srcc["control_change"] == pytest.approx(-0.05)
+    assert summary["plcc"]["mean_change"] == pytest.approx((0.2 + 0.4 + 0.6) / 3)
+    assert summary["runs"]["seed-1"]["srcc"] == pytest.approx({"before": 0.0, "after": 0.6, "change": 0.6})
+    table = format_table(summary)
+    assert "| seed-1 | 0.000 | 0.600 | +0.600 |" in table and "control change -0.050" in table
+
+
+def test_one_seed_has_no_spread_and_no_control_is_nan():
+    summary = summarize({"seed-0": result(0.1, 0.2)})
+    assert summary["srcc"]["mean_change"] == pytest.approx(0.1)
+    assert math.isnan(summary["srcc"]["sd_change"]) and math.isnan(summary["srcc"]["control_change"])
+
+
+def test_plan_runs_each_seed_then_the_permuted_label_control_in_its_own_folder():
+    plan = dict(run_plan([3, 4], Path("/o")))
+    assert list(plan) == ["seed-3", "seed-4", "control-seed-3"]
+    assert "train.seed=4" in plan["seed-4"] and "reward.permute_labels=true" not in plan["seed-4"]
+    assert "reward.permute_labels=true" in plan["control-seed-3"] and "train.seed=3" in plan["control-seed-3"]
+    assert "train.output_dir=/o/control-seed-3" in plan["control-seed-3"]
