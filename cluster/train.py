@@ -151,6 +151,16 @@ def shard(items: list, parts: int) -> list[list]:
     return [[items[i] for i in chunk] for chunk in np.array_split(np.arange(len(items)), parts)]
 
 
+# eval.split -> the parts of the eval datasets' split by reference that it evaluates on.
+EVAL_SPLIT_PARTS = {
+    "train": ("train",),
+    "val": ("val",),
+    "test": ("test",),
+    "held_out": ("val", "test"),  # every reference the run never trains on
+    "all": ("train", "val", "test"),
+}
+
+
 def load_data(config):
     """Train and eval splits, split by reference; bad rows stop the run or are reported and skipped."""
     from datasets import concatenate_datasets
@@ -162,10 +172,7 @@ def load_data(config):
     for report in (train_report, eval_report):
         if report.bad:
             log.warning("\n".join(report.lines()))
-    if config.eval.split == "all":
-        eval_split = concatenate_datasets([eval_splits[name] for name in ("train", "val", "test")])
-    else:
-        eval_split = eval_splits[config.eval.split]
+    eval_split = concatenate_datasets([eval_splits[name] for name in EVAL_SPLIT_PARTS[config.eval.split]])
     if config.eval.max_images is not None and len(eval_split) > config.eval.max_images:
         eval_split = eval_split.shuffle(seed=config.data.split_seed).select(range(config.eval.max_images))
     return train_splits["train"], eval_split, train_report.merge(eval_report)

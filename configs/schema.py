@@ -182,8 +182,9 @@ class CheckpointConfig(Section):
 
 
 class EvalConfig(Section):
-    # "all": the whole eval datasets, as in zero-shot cross-dataset evaluation.
-    split: Literal["train", "val", "test", "all"] = "test"
+    # "held_out": val + test (every reference not trained on); "all": the whole eval datasets, as in
+    # zero-shot cross-dataset evaluation.
+    split: Literal["train", "val", "test", "held_out", "all"] = "test"
     every: int = Field(0, ge=0, description="steps between evaluations; 0 = before and after only")
     num_samples: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0.0)

@@ -66,3 +66,19 @@ def test_deterministic_and_seeded_and_independent_of_row_order():
 def test_bad_ratios_are_rejected():
     with pytest.raises(ValueError, match="ratios"):
         split_by_reference(_dataset({"a": 5}), (0.5, -0.1, 0.6))
+
+
+def test_held_out_evaluation_is_val_plus_test_and_never_a_training_reference():
+    from pathlib import Path
+
+    from cluster.train import load_data
+    from configs.load import load_config
+    from iqa.splits import load_splits
+
+    cache = Path(__file__).resolve().parents[1] / ".cache" / "vqr1"
+    config = load_config("cpu-default", [f"data.cache_dir={cache}", "eval.split=held_out"])
+    train, held_out, _ = load_data(config)
+    splits, _ = load_splits(config.data.eval, config.data)
+    assert _refs(held_out) == _refs(splits["val"]) | _refs(splits["test"])
+    assert len(held_out) == len(splits["val"]) + len(splits["test"])
+    assert not _refs(held_out) & _refs(train)
