@@ -21,26 +21,21 @@ METRICS = ("srcc", "plcc")
 
 def run_plan(seeds: list[int], out_root: Path) -> list[tuple[str, list[str]]]:
     """(run name, overrides) per run: one per seed, then the control with the first seed."""
-    plan = []
-    for seed in seeds:
-        plan.append((f"seed-{seed}", [f"train.seed={seed}", f"rollout.seed={seed}"]))
-    plan.append(
-        (
-            f"control-seed-{seeds[0]}",
-            [f"train.seed={seeds[0]}", f"rollout.seed={seeds[0]}", "reward.permute_labels=true"],
-        )
-    )
+    runs = [(f"seed-{seed}", seed, []) for seed in seeds]
+    runs.append((f"control-seed-{seeds[0]}", seeds[0], ["reward.permute_labels=true"]))
     return [
         (
             name,
             [
-                *overrides,
+                f"train.seed={seed}",
+                f"rollout.seed={seed}",
+                *extra,
                 f"tracking.run_name=proof-{name}",
                 f"train.output_dir={out_root / name}",
                 f"checkpoint.dir={out_root / name / 'checkpoints'}",
             ],
         )
-        for name, overrides in plan
+        for name, seed, extra in runs
     ]
 
 

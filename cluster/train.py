@@ -532,18 +532,22 @@ def weight_sync_gap(system: System, config, image: bytes, prompt: str, step: int
     return max(gaps)
 
 
+def trained_images_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "trained_images.jsonl"
+
+
 def log_trained_images(config, step: int, ids: list[str]) -> None:
     """Append the step's image ids to <output_dir>/trained_images.jsonl (resume exactness is checked on it)."""
-    out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "trained_images.jsonl").open("a") as handle:
+    path = trained_images_path(config.train.output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
         handle.write(json.dumps({"step": step, "image_ids": ids}) + "\n")
 
 
 def forget_trained_images_after(config, step: int) -> None:
     """Drop the log lines of steps after `step`: a run killed after its last checkpoint trained them, but
     those updates were lost with it, and the resumed run trains those images again."""
-    path = Path(config.train.output_dir) / "trained_images.jsonl"
+    path = trained_images_path(config.train.output_dir)
     if path.is_file():
         kept = [entry for entry in read_trained_images(config.train.output_dir) if entry["step"] <= step]
         path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
@@ -551,7 +555,7 @@ def forget_trained_images_after(config, step: int) -> None:
 
 def read_trained_images(output_dir: str | Path) -> list[dict]:
     """The log of log_trained_images: one {"step", "image_ids"} per trained step, in order."""
-    lines = (Path(output_dir) / "trained_images.jsonl").read_text().splitlines()
+    lines = trained_images_path(output_dir).read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
