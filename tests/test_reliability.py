@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +127,10 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_
     history = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
         result["mlflow_run_id"], "events/rollout_worker_restarts"
     )
-    assert [m.value for m in history] == [0, 1, 1]
+    # One restart, counted from the step whose generation or weight push found the dead worker (step 2
+    # unless the driver outran the kill).
+    restarts = [m.value for m in history]
+    assert len(restarts) == 3 and restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)
 
 
 @pytest.mark.slow
@@ -142,17 +146,18 @@ def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path, tiny_over
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("actor_class", "error"),
+    ("actor_class", "actor", "phases"),
     [
-        ("LearnerWorker", "run failed: step 2, phase update: learners died"),
-        ("RewardWorker", "run failed: step 2, phase reward: reward actor died"),
+        ("LearnerWorker", "learners", {"update", "weight push", "checkpoint"}),
+        ("RewardWorker", "reward actor", {"reward"}),
     ],
 )
 def test_dead_learner_or_reward_actor_ends_the_run_naming_the_checkpoint_and_resume_finishes_it(
-    tmp_path, tiny_overrides, actor_class, error
+    tmp_path, tiny_overrides, actor_class, actor, phases
 ):
     """Kill a learner rank (or the reward actor) once the step-1 checkpoint is committed: the run ends
-    with an error naming the dead actor and that checkpoint; `checkpoint.resume=true` completes it."""
+    with an error naming the dead actor, the phase and step that found it, and the checkpoint of the
+    step before (every step is checkpointed); `checkpoint.resume=true` completes it."""
 
     def kill_after_first_checkpoint(pid, lines):
         return kill_actors_of(pid, actor_class) if committed(tmp_path, 1) else []
@@ -161,12 +166,18 @@ def test_dead_learner_or_reward_actor_ends_the_run_naming_the_checkpoint_and_res
     code, output, killed = run_driver(overrides, kill_after_first_checkpoint, timeout_s=600)
     assert killed, f"no {actor_class} process was found to kill\n" + output[-3000:]
     assert code != 0, output[-3000:]
-    assert error in output, output[-3000:]
-    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'step-000001'}" in output, output[-3000:]
+    # The kill lands while step 2 or 3 runs (how far the driver got is a race): which step and phase
+    # found the dead actor varies, but the error must name them and the checkpoint before that step.
+    failure = re.search(rf"run failed: step (\d+), phase ([a-z ]+): {actor} died", output)
+    assert failure, output[-3000:]
+    step, phase = int(failure[1]), failure[2]
+    assert step in (2, 3) and phase in phases, failure[0]
+    last_good = tmp_path / "checkpoints" / f"step-{step - 1:06d}"
+    assert f"the last good checkpoint is {last_good}" in output, output[-3000:]
 
     code, output, _ = run_driver([*overrides, "checkpoint.resume=true"], timeout_s=600)
     assert code == 0, output[-4000:]
-    assert "resumed from" in output and "at step 1" in output and "step 3/3" in output
+    assert f"resumed from {last_good} at step {step - 1}" in output and "step 3/3" in output
     assert [entry["step"] for entry in read_trained_images(tmp_path / "out")] == [1, 2, 3]
 
 
@@ -187,5 +198,9 @@ def test_driver_killed_after_a_checkpoint_resumes_and_trains_the_uninterrupted_r
 
     code, output, _ = run_driver([*overrides, "checkpoint.resume=true"])
     assert code == 0, output[-4000:]
-    assert f"resumed from {tmp_path / 'checkpoints' / 'step-000002'} at step 2" in output
+    # From step 2's checkpoint, or step 3's if the driver outran the kill.
+    resumed = re.search(
+        rf"resumed from {re.escape(str(tmp_path / 'checkpoints'))}/step-00000([23]) at step \1", output
+    )
+    assert resumed, output[-3000:]
     assert read_trained_images(tmp_path / "out") == read_trained_images(first_tmp / "out")
