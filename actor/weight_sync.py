@@ -1,6 +1,7 @@
 """Moving the learner's weights into running vLLM engines.
 
-Two transports, chosen by device (`use_nccl_transport()`: CUDA available):
+Two transports, chosen by `cluster.weight_transport` (`auto`: NCCL when rollout workers and learners
+have GPUs; the driver's `push_weights` uses the one chosen):
 
 CPU (and any machine without CUDA) -- bytes through the control plane:
     learner: `serialize_buckets(model.named_parameters())` -> list of safetensors blobs (<= 64 MiB each,
@@ -11,12 +12,14 @@ CPU (and any machine without CUDA) -- bytes through the control plane:
     direct `model.load_weights` leaves the old weights in use; `reload_weights` re-runs post-load processing.
 
 GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
-    every engine is built with `weight_transfer_config={"backend": "nccl"}`; `NcclWeightSender` (learner
-    rank 0) opens an NCCL group with all vLLM workers (`init_weight_transfer_engine`) once, and each push
-    runs `start_weight_update` / `update_weights` (packed bucketed broadcast from rank 0, received by the
-    workers concurrently) / `finish_weight_update` through `RolloutWorkersClient`, which drives the Ray
-    rollout actors. The caches are reset by `RolloutEngine.finish_weight_update`. This path cannot run on
-    the CPU machines this project is tested on.
+    every CUDA engine is built with `weight_transfer_config={"backend": "nccl"}`. Each learner rank holds
+    an `NcclWeightSender`; rank 0's opens one NCCL group with all vLLM workers (`init_weight_transfer`)
+    once, and each push runs `start_weight_update` / `update_weights` (packed bucketed broadcast from
+    rank 0, received by the workers concurrently) / `finish_weight_update` through
+    `RolloutWorkersClient`, which drives the Ray rollout actors; the other ranks take part in the ZeRO-3
+    gathers only. Tensors go GPU to GPU, never through host memory. The caches are reset by
+    `RolloutEngine.finish_weight_update`. This path cannot run on the CPU machines this project is
+    tested on; its driver wiring is tested there with the NCCL endpoints replaced.
 
 Names are Hugging Face names (either the learner's `model.language_model.*` / `model.visual.*` or the
 checkpoint's `model.*` / `visual.*`): vLLM's Qwen2.5-VL loader maps both.
@@ -100,13 +103,9 @@ WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qua
 # ---------------------------------------------------------------------------------------------------
 
 
-def use_nccl_transport() -> bool:
-    return torch.cuda.is_available()
-
-
 def engine_weight_transfer_config() -> dict[str, str] | None:
     """`LLM(weight_transfer_config=...)`: the NCCL backend on CUDA, none on the CPU (collective_rpc path)."""
-    return {"backend": "nccl"} if use_nccl_transport() else None
+    return {"backend": "nccl"} if torch.cuda.is_available() else None
 
 
 class RolloutWorkersClient:
@@ -146,17 +145,24 @@ class RolloutWorkersClient:
         self._wait([handle.finish_weight_update.remote() for handle in self.handles])
 
 
+WeightMeta = tuple[str, torch.dtype, tuple[int, ...]]
+
+
 class NamedTensorSource:
     """vLLM's `WeightSource` (duck-typed, so vLLM is imported only when used): the tensors a callable
-    yields (e.g. only the trainable parameters), read afresh on every push."""
+    yields (e.g. only the trainable parameters), read afresh on every push. `metadata` is given, not
+    read from the tensors: under ZeRO-3 reading them is a gather of the whole model."""
 
-    def __init__(self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+    def __init__(
+        self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], metadata: list[WeightMeta]
+    ) -> None:
         self._named_tensors = named_tensors
+        self._metadata = metadata
 
     def metadata(self) -> list:
         from vllm.distributed.weight_transfer.base import ParamMeta
 
-        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._named_tensors()]
+        return [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in self._metadata]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self._named_tensors():
@@ -164,17 +170,22 @@ class NamedTensorSource:
 
 
 class NcclWeightSender:
-    """Learner rank 0's end of the NCCL push: one group with every vLLM worker, opened once.
+    """One learner rank's end of the NCCL push. Rank 0 opens one group with every vLLM worker and
+    broadcasts; the other ranks only iterate `named_tensors` with it (under ZeRO-3 each tensor is a
+    gather every rank takes part in).
 
     The rollout engines must have been built on CUDA (`engine_weight_transfer_config()`), and
-    `master_address:master_port` must be reachable from them (the learner's node, a free port).
+    `master_address:master_port` must be reachable from them (rank 0's node, a free port). A worker
+    that is replaced needs a new group: `close()` this sender on every rank and open another.
     """
 
     def __init__(
         self,
         named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+        metadata: list[WeightMeta],
         rollout_handles: list,
         *,
+        rank: int,
         master_address: str,
         master_port: int,
         workers_per_engine: int = 1,
@@ -190,10 +201,10 @@ class NcclWeightSender:
             master_address=master_address,
             master_port=master_port,
             world_size=1 + len(rollout_handles) * workers_per_engine,
-            rank=0,
+            rank=rank,  # rank 0 is the sender
         )
         self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            init_info, client=client, source=NamedTensorSource(named_tensors)
+            init_info, client=client, source=NamedTensorSource(named_tensors, metadata)
         )
 
     def push(self) -> None:

@@ -37,6 +37,7 @@ class System:
     placement_group: object
     # make_rollout_worker(i) creates rollout worker i in its bundle (to replace a dead one).
     make_rollout_worker: Callable[[int], object]
+    weight_transport: str  # "object_store" or "nccl" (cluster.weight_transport, resolved)
     rollout_restarts: int = 0
 
 
@@ -143,7 +144,29 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
         bundle_indices=learner_bundles,
         timeout_s=cluster.call_timeout_s,
     )
-    return System(rollout_workers, reward, learners, group, make_rollout_worker)
+    system = System(
+        rollout_workers, reward, learners, group, make_rollout_worker, cluster.resolved_weight_transport
+    )
+    if system.weight_transport == "nccl":
+        open_weight_transfer(system, config, step=0)
+    return system
+
+
+def open_weight_transfer(system: System, config, step: int) -> None:
+    """GPU: (re)open the NCCL weight-transfer group of learner rank 0 and every rollout worker."""
+    phase = "weight transfer setup"
+    address, port = wait(system.learners[0].rendezvous_address.remote(), config, phase, step, "learners")
+    refs = [
+        learner.open_weight_transfer.remote(
+            system.rollout_workers,
+            address,
+            port,
+            config.rollout.tensor_parallel_size,  # vLLM workers per engine, each an NCCL rank
+            config.cluster.call_timeout_s,
+        )
+        for learner in system.learners
+    ]
+    wait(refs, config, phase, step, "learners")
 
 
 def shard(items: list, parts: int) -> list[list]:
@@ -234,6 +257,8 @@ def replace_dead_rollout_workers(
         ray.kill(system.rollout_workers[index], no_restart=True)
         system.rollout_workers[index] = system.make_rollout_worker(index)
         system.rollout_restarts += 1
+    if system.weight_transport == "nccl":
+        open_weight_transfer(system, config, step)  # a new group, with the replacements in it
     # The replacement starts from the initial weights: load the learners' current ones.
     push_weights(system, config, step, [system.rollout_workers[i] for i in dead])
 
@@ -266,9 +291,21 @@ def update(
 
 
 def push_weights(system: System, config, step: int, workers: list | None = None) -> None:
-    """Gather the policy from the learners (every rank takes part) and load it into the rollout workers."""
+    """Gather the policy from the learners (every rank takes part) and load it into the rollout workers
+    (`workers`, default all; over NCCL always all)."""
     import ray
 
+    if system.weight_transport == "nccl":
+        # Rank 0 broadcasts GPU to GPU. A worker lost mid-broadcast leaves rank 0 blocked in NCCL, so
+        # this ends the run (call_timeout_s) and resume continues from the last checkpoint.
+        wait(
+            [learner.send_weights.remote() for learner in system.learners],
+            config,
+            "weight push",
+            step,
+            "learners",
+        )
+        return
     gathered = wait(
         [learner.weight_buckets.remote(config.learner.weight_bucket_bytes) for learner in system.learners],
         config,

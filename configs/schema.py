@@ -164,6 +164,29 @@ class ClusterConfig(Section):
     reward: PlacementConfig = Field(default_factory=lambda: PlacementConfig(num_cpus=0.0))
     call_timeout_s: float = Field(600.0, gt=0.0)
     max_worker_restarts: int = Field(3, ge=0)
+    # How the learners' weights reach vLLM each step: "object_store" (safetensors buckets through Ray, works
+    # anywhere), "nccl" (GPU to GPU broadcast, vLLM's weight-transfer API), "auto" (nccl when rollout
+    # workers and learners each have whole GPUs: NCCL cannot put two ranks on one GPU).
+    weight_transport: Literal["auto", "object_store", "nccl"] = "auto"
+
+    @property
+    def resolved_weight_transport(self) -> str:
+        if self.weight_transport != "auto":
+            return self.weight_transport
+        return "nccl" if self._whole_gpus_on_both_sides() else "object_store"
+
+    def _whole_gpus_on_both_sides(self) -> bool:
+        return self.rollout.num_gpus >= 1 and self.learner.num_gpus >= 1
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.weight_transport == "nccl" and not self._whole_gpus_on_both_sides():
+            raise ValueError(
+                "cluster.weight_transport=nccl needs whole GPUs on both sides (NCCL cannot put two ranks "
+                f"on one GPU): cluster.rollout.num_gpus={self.rollout.num_gpus}, "
+                f"cluster.learner.num_gpus={self.learner.num_gpus}"
+            )
+        return self
 
 
 class TrackingConfig(Section):

@@ -58,6 +58,7 @@ class LearnerWorker:
         self.rank = rank
         self.world_size = world_size
         self.engine = None
+        self.weight_sender = None  # the NCCL transport (GPU), opened by open_weight_transfer
 
     def ping(self) -> int:
         return self.rank
@@ -233,6 +234,43 @@ class LearnerWorker:
             pass
         return []
 
+    def open_weight_transfer(
+        self,
+        rollout_handles: list,
+        master_address: str,
+        master_port: int,
+        workers_per_engine: int,
+        timeout_s: float,
+    ) -> None:
+        """GPU: join the NCCL weight transfer with every rollout worker (rank 0 hosts it at
+        master_address:master_port and sends); called again, with new handles, after a worker is replaced.
+        Every rank must call it."""
+        from actor.weight_sync import NcclWeightSender
+
+        engine = self._require_setup()
+        self.close_weight_transfer()
+        self.weight_sender = NcclWeightSender(
+            lambda: self._full_trainable_weights(self.learner.weight_bucket_bytes, device=engine.device),
+            self.weight_metadata(),
+            rollout_handles,
+            rank=self.rank,
+            master_address=master_address,
+            master_port=master_port,
+            workers_per_engine=workers_per_engine,
+            timeout_s=timeout_s,
+        )
+
+    def send_weights(self) -> None:
+        """GPU: broadcast the trainable weights into every rollout worker. Every rank must call it."""
+        if self.weight_sender is None:
+            raise RuntimeError(f"learner rank {self.rank}: call open_weight_transfer() first")
+        self.weight_sender.push()
+
+    def close_weight_transfer(self) -> None:
+        if self.weight_sender is not None:
+            self.weight_sender.close()
+            self.weight_sender = None
+
     def save_checkpoint(self, directory: str | Path) -> str:
         """The policy in HF format (+ processor) from rank 0, DeepSpeed's engine state from all ranks."""
         engine = self._require_setup()
@@ -266,22 +304,36 @@ class LearnerWorker:
             completion_logprobs(model, batch, self.pad_token_id, self.temperature)[0] for batch in batches
         ]
 
-    def _full_trainable_weights(self, group_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, full CPU tensor) of each trainable parameter; yields only on rank 0."""
+    def _trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self._require_setup().module.named_parameters() if p.requires_grad]
+
+    def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(checkpoint name, dtype, full shape) of each trainable parameter, in the order they are sent;
+        read without a gather (under ZeRO-3 a parameter's own shape is that of its empty placeholder)."""
+        return [
+            (self.checkpoint_names[name], p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+            for name, p in self._trainable_parameters()
+        ]
+
+    def _full_trainable_weights(
+        self, group_bytes: int, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, full tensor copied to `device`) of each trainable parameter; yields only on
+        rank 0, but every rank must iterate it (under ZeRO-3 each group of parameters is gathered)."""
         import deepspeed
 
-        engine = self._require_setup()
-        params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+        params = self._trainable_parameters()
         if self.learner.zero_stage != 3:
             if self.rank == 0:
                 for name, param in params:
-                    yield self.checkpoint_names[name], param.detach().to("cpu", copy=True)
+                    yield self.checkpoint_names[name], param.detach().to(device, copy=True)
             return
         for group in _groups_by_size(params, group_bytes):
             with deepspeed.zero.GatheredParameters([p for _, p in group]):
                 if self.rank == 0:
                     for name, param in group:
-                        yield self.checkpoint_names[name], param.detach().to("cpu", copy=True)
+                        # A copy: the gathered storage is released when the group's context exits.
+                        yield self.checkpoint_names[name], param.detach().to(device, copy=True)
 
 
 class _MetricTotals:

@@ -60,6 +60,7 @@ def test_fidelity_with_one_generation_is_rejected():
         ("reward.score_range=[5,1]", "score_range"),
         ("learner.zero_stage=4", "zero_stage"),
         ("cluster.placement=everywhere", "placement"),
+        ("cluster.weight_transport=nccl", "weight_transport=nccl needs whole GPUs"),
     ],
 )
 def test_impossible_combinations_are_rejected(override, message):
@@ -77,3 +78,18 @@ def test_bad_override_syntax_and_missing_preset(tmp_path):
     bad = write(tmp_path, "learner: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "transport"),
+    [
+        ("cpu-tiny", [], "object_store"),
+        ("gpu-7b-1node", [], "nccl"),
+        ("gpu-7b-1node", ["cluster.weight_transport=object_store"], "object_store"),
+        # Colocated with a GPU each (a bundle of two) still broadcast over NCCL; sharing one GPU cannot.
+        ("gpu-7b-1node", ["cluster.placement=colocate"], "nccl"),
+        ("gpu-7b-1node", ["cluster.rollout.num_gpus=0.5", "cluster.learner.num_gpus=0.5"], "object_store"),
+    ],
+)
+def test_weight_transport_auto_picks_nccl_only_when_both_sides_have_gpus(preset, overrides, transport):
+    assert load_config(preset, overrides).cluster.resolved_weight_transport == transport

@@ -363,3 +363,16 @@ def test_zero3_pushes_the_gathered_trainable_weights_and_saves_all(
         else:
             assert torch.equal(pushed[name], tensor), name
     assert any(not torch.equal(pushed[n], initial_weights[n]) for n in pushed)
+
+
+@pytest.mark.parametrize("group", ["zero2", "zero3"])
+def test_weight_metadata_announces_the_full_shapes_of_what_is_pushed(group, request):
+    """The NCCL push announces each weight's name, dtype and shape before sending it (vLLM sizes its
+    receive buffers from them), read without a gather: under ZeRO-3 they must still be the full shapes."""
+    workers = request.getfixturevalue(group)
+    per_rank = ray.get([worker.weight_metadata.remote() for worker in workers])
+    assert all(metadata == per_rank[0] for metadata in per_rank)
+    announced = {name: (dtype, shape) for name, dtype, shape in per_rank[0]}
+    assert len(announced) == len(per_rank[0]), "a name is announced twice"
+    pushed = pushed_weights(workers)
+    assert announced == {name: (t.dtype, tuple(t.shape)) for name, t in pushed.items()}
