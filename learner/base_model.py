@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from actor.prompts import build_prompt_text
-from configs.schema import DataConfig, ModelConfig
+from configs.schema import DataConfig
 from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, skimage_data_dir
 from iqa.images import load_image
 from learner.model_factory import (
@@ -128,20 +128,6 @@ class BaseModelRecipe:
             split_ratios=self.split_ratios,
             split_seed=self.split_seed,
         )
-
-
-def recipe_for(model: ModelConfig, data: DataConfig, **overrides) -> BaseModelRecipe:
-    """The recipe matching a run's model preset, image bounds and built-in benchmark."""
-    return BaseModelRecipe(
-        preset=model.preset or BaseModelRecipe.preset,
-        min_pixels=model.min_pixels,
-        max_pixels=model.max_pixels,
-        image_size=data.builtin_size,
-        families=tuple(data.builtin_families),
-        split_ratios=data.split_ratios,
-        split_seed=data.split_seed,
-        **overrides,
-    )
 
 
 def _hash(payload: dict) -> str:
