@@ -19,7 +19,8 @@ GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     `RolloutWorkersClient`, which drives the Ray rollout actors; the other ranks take part in the ZeRO-3
     gathers only. Tensors go GPU to GPU, never through host memory. The caches are reset by
     `RolloutEngine.finish_weight_update`. This path cannot run on the CPU machines this project is
-    tested on; its driver wiring is tested there with the NCCL endpoints replaced.
+    tested on (vLLM's broadcast code needs CUDA streams even with NCCL replaced); there only the
+    announced metadata is tested against what the bucket path pushes.
 
 Names are Hugging Face names (either the learner's `model.language_model.*` / `model.visual.*` or the
 checkpoint's `model.*` / `visual.*`): vLLM's Qwen2.5-VL loader maps both.

@@ -37,7 +37,6 @@ class System:
     placement_group: object
     # make_rollout_worker(i) creates rollout worker i in its bundle (to replace a dead one).
     make_rollout_worker: Callable[[int], object]
-    weight_transport: str  # "object_store" or "nccl" (cluster.weight_transport, resolved)
     rollout_restarts: int = 0
 
 
@@ -144,10 +143,8 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
         bundle_indices=learner_bundles,
         timeout_s=cluster.call_timeout_s,
     )
-    system = System(
-        rollout_workers, reward, learners, group, make_rollout_worker, cluster.resolved_weight_transport
-    )
-    if system.weight_transport == "nccl":
+    system = System(rollout_workers, reward, learners, group, make_rollout_worker)
+    if cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step=0)
     return system
 
@@ -257,7 +254,7 @@ def replace_dead_rollout_workers(
         ray.kill(system.rollout_workers[index], no_restart=True)
         system.rollout_workers[index] = system.make_rollout_worker(index)
         system.rollout_restarts += 1
-    if system.weight_transport == "nccl":
+    if config.cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step)  # a new group, with the replacements in it
     # The replacement starts from the initial weights: load the learners' current ones.
     push_weights(system, config, step, [system.rollout_workers[i] for i in dead])
@@ -295,7 +292,7 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
     (`workers`, default all; over NCCL always all)."""
     import ray
 
-    if system.weight_transport == "nccl":
+    if config.cluster.resolved_weight_transport == "nccl":
         # Rank 0 broadcasts GPU to GPU. A worker lost mid-broadcast leaves rank 0 blocked in NCCL, so
         # this ends the run (call_timeout_s) and resume continues from the last checkpoint.
         wait(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from actor.weight_sync import serialize_buckets
+from actor.weight_sync import WeightMeta, serialize_buckets
 from cluster.runtime_env import apply_default_env
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
@@ -307,7 +307,7 @@ class LearnerWorker:
     def _trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self._require_setup().module.named_parameters() if p.requires_grad]
 
-    def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    def weight_metadata(self) -> list[WeightMeta]:
         """(checkpoint name, dtype, full shape) of each trainable parameter, in the order they are sent;
         read without a gather (under ZeRO-3 a parameter's own shape is that of its empty placeholder)."""
         return [
