@@ -12,7 +12,8 @@ from cluster.runtime_env import apply_default_env
 
 apply_default_env()
 
-from iqa.builtin import DEFAULT_FAMILIES, REFERENCE_PHOTOS  # noqa: E402
+from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, skimage_data_dir  # noqa: E402
+from iqa.images import load_image  # noqa: E402
 from learner.base_model import (  # noqa: E402
     CLEAN,
     BaseModelRecipe,
@@ -20,6 +21,7 @@ from learner.base_model import (  # noqa: E402
     cold_start_answer,
     cold_start_checkpoint,
     dominant_colour,
+    image_statistics,
     measure,
     perception_examples,
     random_view,
@@ -45,6 +47,34 @@ def test_random_view_is_a_resized_square_crop():
     assert view.size == (112, 112)
     assert dominant_colour(view) == "green"
     assert dominant_colour(Image.new("RGB", (8, 8), (90, 95, 92))) == "gray"
+
+
+def test_image_statistics_of_a_flat_image_and_a_checkerboard_match_the_formulas():
+    flat = image_statistics(Image.new("RGB", (32, 32), (100, 100, 100)))
+    # No variation at all: every statistic is log(1 + 0) = 0 (blockiness: log(1 / 1)).
+    np.testing.assert_allclose(flat, np.zeros(6), atol=1e-12)
+    # A 1-px gray checkerboard of 0 / 200: Laplacian +-800 (variance 640000), diagonal high-pass +-400
+    # (median 400), std 100, every horizontal / vertical step 200, no block-edge excess, no colour.
+    board = (np.indices((32, 32)).sum(axis=0) % 2 * 200).astype(np.uint8)
+    stats = image_statistics(Image.fromarray(np.stack([board] * 3, axis=-1)))
+    expected = [np.log1p(640000), np.log1p(400 / 0.6745), np.log1p(100), 0.0, 0.0, np.log1p(400)]
+    np.testing.assert_allclose(stats, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_image_statistics_move_with_each_distortion_at_its_strongest():
+    photo = load_image(skimage_data_dir() / "astronaut.png").resize((112, 112))
+    rng = np.random.default_rng(0)
+    clean = image_statistics(photo)
+
+    def distorted(family: str) -> np.ndarray:
+        return image_statistics(DISTORTIONS[family].apply(photo, DISTORTIONS[family].strongest, rng))
+
+    sharpness, noise, contrast, blockiness, colourfulness, _ = range(6)
+    assert distorted("blur")[sharpness] < clean[sharpness] - 1
+    assert distorted("noise")[noise] > clean[noise] + 1
+    assert distorted("contrast")[contrast] < clean[contrast] - 1
+    assert distorted("contrast")[colourfulness] < clean[colourfulness]
+    assert distorted("jpeg")[blockiness] > clean[blockiness] + 0.1
 
 
 def test_perception_examples_draw_every_family_and_clean():
