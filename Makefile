@@ -43,7 +43,7 @@ ablation: setup
 	$(PY) -m cluster.train --config $(PRESET) reward.permute_labels=true tracking.run_name=$(PRESET)-control \
 		train.output_dir=outputs/$(PRESET)-control checkpoint.dir=outputs/$(PRESET)-control/checkpoints $(ARGS)
 
-# The learning proof: the preset with seeds 0, 1, 2 and the control; a before/after table (~28 min).
+# The learning proof: the preset with seeds 0, 1, 2 and the control; a before/after table (~24 min).
 proof: setup
 	$(PY) -m cluster.proof --config $(PRESET) $(ARGS)
 
