@@ -11,7 +11,7 @@ amplify. This module makes the stand-in for "a pretrained Qwen2.5-VL" from a pre
    benchmark, with a random distortion of random strength. Held-out reference photos are never seen;
    MOS labels and distortion levels are never targets (strengths are drawn continuously, never named).
    Naming the distortion family instead made the features strength-invariant (a nonlinear probe from
-   them to held-out MOS: 0.10, below the random tower's 0.21; with the statistics: 0.50).
+   them to held-out MOS: 0.10, below the random tower's 0.21; with the statistics: 0.55).
 2. perception pretraining: with the vision tower frozen, the model answers "which distortion" and
    "which colour" questions as text ("Which distortion does this picture have?" -> "blur"), so the
    language model learns to read the image tokens.
