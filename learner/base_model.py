@@ -310,6 +310,18 @@ def image_statistics(image: Image.Image) -> np.ndarray:
     )
 
 
+def _train_with_vision_frozen(
+    model, desc: str, lr: float, steps: int, loss_of_step: Callable[[int], torch.Tensor]
+) -> list[float]:
+    """`_train` on every parameter but the vision tower's, which stays as it is (and trainable after)."""
+    vision_tower(model).requires_grad_(False)
+    try:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        return _train(desc, parameters, lr, steps, loss_of_step)
+    finally:
+        vision_tower(model).requires_grad_(True)
+
+
 def pretrain_vision(model, processor, photos, recipe: BaseModelRecipe) -> list[float]:
     """Stage 1: vision tower + linear colour and image-statistics heads on pooled features (heads
     discarded). The statistics are standardised with a fixed calibration batch of fresh examples."""
@@ -347,25 +359,20 @@ def pretrain_perception(model, processor, photos, recipe: BaseModelRecipe) -> li
     family / colour questions as text."""
     rng = np.random.default_rng([recipe.seed, 2])
     torch.manual_seed(recipe.seed)
-    vision_tower(model).requires_grad_(False)
 
     def loss_of_step(step: int) -> torch.Tensor:
         examples = perception_examples(photos, recipe.families, rng, recipe.batch_size, recipe.image_size)
         return answer_loss(model, processor, perception_samples(processor, examples, rng))
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    losses = _train(
-        "perception pretraining", parameters, recipe.perception_lr, recipe.perception_steps, loss_of_step
+    return _train_with_vision_frozen(
+        model, "perception pretraining", recipe.perception_lr, recipe.perception_steps, loss_of_step
     )
-    vision_tower(model).requires_grad_(True)
-    return losses
 
 
 def train_cold_start(model, processor, photos, recipe: BaseModelRecipe) -> list[float]:
     """Stage 3: the published prompt answered in format with random scores; perception mixed in."""
     rng = np.random.default_rng([recipe.seed, 3])
     torch.manual_seed(recipe.seed)
-    vision_tower(model).requires_grad_(False)
     prompt = build_prompt_text(processor, thinking=True)
     perception_count = round(recipe.cold_start_batch_size * recipe.cold_start_perception_share)
     format_count = recipe.cold_start_batch_size - perception_count
@@ -381,12 +388,9 @@ def train_cold_start(model, processor, photos, recipe: BaseModelRecipe) -> list[
         samples += perception_samples(processor, examples[format_count:], rng)
         return answer_loss(model, processor, samples)
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    losses = _train(
-        "format cold start", parameters, recipe.cold_start_lr, recipe.cold_start_steps, loss_of_step
+    return _train_with_vision_frozen(
+        model, "format cold start", recipe.cold_start_lr, recipe.cold_start_steps, loss_of_step
     )
-    vision_tower(model).requires_grad_(True)
-    return losses
 
 
 # ---------------------------------------------------------------- checkpoints
