@@ -140,7 +140,10 @@ def test_restart_limit_stops_a_crash_loop_with_a_clear_error(tmp_path, tiny_over
     overrides = tiny_overrides(tmp_path, 3, "eval.max_images=4", "cluster.max_worker_restarts=0")
     code, output, killed = run_driver(overrides, kill_rollout_worker_after_step_1, timeout_s=600)
     assert killed and code != 0
-    assert "cluster.max_worker_restarts=0" in output and "phase generate" in output
+    assert "cluster.max_worker_restarts=0" in output
+    # The dead worker is found by the next call to it: step 2's generation, or its weight push when the
+    # kill lands after generation (a race the CI machine hit).
+    assert re.search(r"phase (generate|weight push): rollout worker\(s\) \[0\] died", output), output[-3000:]
     assert "the last good checkpoint is" in output or "no checkpoint was written yet" in output
 
 
