@@ -10,7 +10,7 @@ PIP_QUIET := sed -E "/is ignored: it is neither a file nor a directory/d"
 PRESET ?= cpu-default
 ARGS ?=
 
-.PHONY: setup test test-fast lint bench train ablation proof eval mlflow-ui clean base-model
+.PHONY: setup test test-fast lint bench train ablation proof tint-check eval mlflow-ui clean base-model
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ ablation: setup
 # The learning proof: the preset with seeds 0, 1, 2 and the control; a before/after table (~24 min).
 proof: setup
 	$(PY) -m cluster.proof --config $(PRESET) $(ARGS)
+
+# The loop's own learning test: rank red > gray > blue views (iqa/tint_check.py), seed 0 and the
+# control (~45 min).
+tint-check: setup
+	$(PY) -m cluster.proof --tint-check --config $(PRESET) --seeds 0 $(ARGS)
 
 eval: setup
 	$(PY) -m cluster.cli eval --config $(PRESET) $(ARGS)

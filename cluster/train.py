@@ -365,6 +365,8 @@ def evaluate_split(
         temperature=config.eval.temperature,
         thinking=config.eval.thinking,
         bootstrap=config.eval.bootstrap,
+        score_range=config.reward.score_range,
+        out_of_range_policy=config.reward.out_of_range,
         mlflow_run=mlflow_run,
         prefix=prefix,
         step=step,

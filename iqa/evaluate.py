@@ -2,8 +2,10 @@
 
 `score_images(images) -> scores`: for each PIL image, the n sampled scores, None where a completion had
 no parsable score (the caller, e.g. the vLLM scorer, owns sampling and parsing). Per image the mean of
-the parsed scores is the prediction and their sample standard deviation the spread. An image whose n
-samples ALL failed gets the midpoint of `score_range` (3.0 for [1, 5]) as its prediction, so the
+the parsed scores is the prediction and their sample standard deviation the spread; scores outside
+`score_range` are kept (published), clipped or dropped by `out_of_range_policy`, the reward's own rule
+(one "4058" from a tiny model that lost its decimal point would otherwise decide its image's rank and
+wreck PLCC's fit). An image whose n samples ALL failed gets the midpoint of `score_range` (3.0 for [1, 5]) as its prediction, so the
 metrics cover the whole split; such images are counted ("images_all_failed") and marked in the CSV and
 the plot. Metrics are computed per dataset (MOS scales differ between datasets) and over all rows.
 
@@ -28,16 +30,20 @@ from tqdm import tqdm
 from iqa.images import load_image
 from iqa.metrics import evaluate_scores
 from iqa.plots import Panel, scatter_plot
+from rewards.parsing import OutOfRangePolicy, apply_score_range
 
 ScoreImages = Callable[[list[Image.Image]], list[list[float | None]]]
 MIN_IMAGES = 3  # correlations over fewer images are meaningless
 
 
 def _summarise(
-    samples: list[float | None], score_range: tuple[float, float]
+    samples: list[float | None], score_range: tuple[float, float], out_of_range: OutOfRangePolicy
 ) -> tuple[float, float, int, bool]:
-    """(prediction, spread, parsed samples, all failed) of one image's samples."""
-    parsed = [float(s) for s in samples if s is not None and math.isfinite(s)]
+    """(prediction, spread, parsed samples, all failed) of one image's samples, out-of-range scores
+    kept, clipped or dropped as the reward treats them."""
+    values = np.array([math.nan if s is None else float(s) for s in samples], dtype=np.float64)
+    values, ok = apply_score_range(values, out_of_range, score_range)
+    parsed = values[ok].tolist()
     if not parsed:
         return (score_range[0] + score_range[1]) / 2, math.nan, 0, True
     spread = float(np.std(parsed, ddof=1)) if len(parsed) > 1 else 0.0
@@ -98,6 +104,7 @@ def run_evaluation(
     bootstrap: int = 1000,
     seed: int = 0,
     score_range: tuple[float, float] = (1.0, 5.0),
+    out_of_range_policy: OutOfRangePolicy = "keep",
     decoding: Mapping | None = None,
 ) -> dict:
     """Score every row of `dataset` (columns id, image, mos, dataset) and write/log the results.
@@ -129,7 +136,7 @@ def run_evaluation(
             all_samples.extend(scores)
             bar.update(len(chunk))
 
-    summaries = [_summarise(s, score_range) for s in all_samples]
+    summaries = [_summarise(s, score_range, out_of_range_policy) for s in all_samples]
     pred = np.array([s[0] for s in summaries])
     failed = np.array([s[3] for s in summaries])
     mos = np.asarray(dataset["mos"], dtype=np.float64)
@@ -167,6 +174,7 @@ def run_evaluation(
         "sample_parse_failures": total_samples - parsed_samples,
         "sample_parse_failure_rate": (total_samples - parsed_samples) / total_samples,
         "samples_out_of_range": out_of_range,
+        "out_of_range_rule": out_of_range_policy,
         "images_all_failed": int(failed.sum()),
         "all_failed_rule": f"scored as the midpoint {(score_range[0] + score_range[1]) / 2} of {list(score_range)}",
         "overall": overall,

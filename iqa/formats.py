@@ -26,6 +26,7 @@ Formats (`FORMATS`; add one with a small reader function decorated by `register_
                                                                         spec sets higher_is_better
   jsonl      the published JSONL (see `write_jsonl`)                    already [1, 5]: not rescaled
   builtin    the built-in benchmark (iqa.builtin)                       formula in [1, 5]: not rescaled
+  tint       the tint check (iqa.tint_check): red > gray > blue views   4.5 / 3.0 / 1.5: not rescaled
 A dataset spec's `higher_is_better` overrides a format's direction; `image_dir` its image folder.
 A dataset whose labels are all equal gets mos 3 (the midpoint) for every image.
 """
@@ -49,6 +50,7 @@ from configs.schema import DataConfig, DatasetSpec
 from iqa.builtin import build_builtin_benchmark, read_manifest
 from iqa.images import ImageLoadError, check_image
 from iqa.report import BadInputError, BadInputReport, BadRow, OnBadInput, fail
+from iqa.tint_check import build_tint_check
 
 FEATURES = Features(
     {
@@ -400,6 +402,18 @@ def read_builtin(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     folder = build_builtin_benchmark(
         cache_dir, data.builtin_size, data.builtin_seed, data.builtin_families, data.builtin_levels
     )
+    rows = [
+        LabelRow(index, entry["file"], entry["mos"], ref=entry["ref"])
+        for index, entry in enumerate(read_manifest(folder), start=1)
+    ]
+    return LabelTable(folder / "manifest.json", folder.absolute(), rows)
+
+
+@register_format("tint", rescale=False)
+def read_tint(spec: DatasetSpec, data: DataConfig) -> LabelTable:
+    """The tint check (a loop test: rank red > gray > blue), generated into data.cache_dir (or spec.path)."""
+    cache_dir = Path(spec.path).expanduser() if spec.path else Path(data.cache_dir)
+    folder = build_tint_check(cache_dir, data.builtin_size, data.builtin_seed)
     rows = [
         LabelRow(index, entry["file"], entry["mos"], ref=entry["ref"])
         for index, entry in enumerate(read_manifest(folder), start=1)

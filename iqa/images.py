@@ -151,3 +151,16 @@ def fit_pixels(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Imag
     rounding = math.floor if area > max_pixels else math.ceil
     size = (max(1, rounding(width * scale)), max(1, rounding(height * scale)))
     return img.resize(size, Image.Resampling.LANCZOS)
+
+
+# A random view keeps at least this share of the photo's shorter side.
+MIN_CROP = 0.4
+
+
+def random_view(photo: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+    """A random square crop (MIN_CROP..1 of the shorter side), randomly flipped, resized to size x size."""
+    side = int(min(photo.size) * rng.uniform(MIN_CROP, 1.0))
+    left = int(rng.integers(0, photo.width - side + 1))
+    top = int(rng.integers(0, photo.height - side + 1))
+    view = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view

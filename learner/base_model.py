@@ -50,7 +50,7 @@ from tqdm import tqdm
 from actor.prompts import build_prompt_text
 from configs.schema import DataConfig
 from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, skimage_data_dir
-from iqa.images import load_image
+from iqa.images import load_image, random_view
 from learner.model_factory import (
     DEFAULT_CACHE_DIR,
     VISION_SPECIAL_TOKENS,
@@ -83,8 +83,6 @@ THOUGHTS = (
     "The contrast is low.",
     "There is no visible distortion.",
 )
-# A crop keeps at least this share of the photo's shorter side.
-MIN_CROP = 0.4
 # Learning-rate schedule of every stage: warm-up share of the steps, and the final lr as a share of the peak.
 # The decay matters: sampling at temperature 1 needs a low-entropy, annealed fit of the format.
 WARMUP_SHARE = 0.05
@@ -155,15 +153,6 @@ def training_photos(recipe: BaseModelRecipe) -> list[Image.Image]:
     train_refs = set(benchmark_splits(recipe)["train"]["ref"])
     folder = skimage_data_dir()
     return [load_image(folder / name) for name in REFERENCE_PHOTOS if Path(name).stem in train_refs]
-
-
-def random_view(photo: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
-    """A random square crop (MIN_CROP..1 of the shorter side), randomly flipped, resized to size x size."""
-    side = int(min(photo.size) * rng.uniform(MIN_CROP, 1.0))
-    left = int(rng.integers(0, photo.width - side + 1))
-    top = int(rng.integers(0, photo.height - side + 1))
-    view = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
 
 
 def dominant_colour(image: Image.Image) -> str:

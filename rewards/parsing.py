@@ -47,6 +47,22 @@ class ParsedScores:
         return float(1.0 - self.ok.mean()) if self.ok.size else 0.0
 
 
+def apply_score_range(
+    scores: np.ndarray, out_of_range: OutOfRangePolicy, score_range: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ok) for parsed scores (NaN = none parsed): out-of-range values kept, clipped into
+    score_range, or marked failed (ok False). A digit run of hundreds of characters parses to inf;
+    that is no score either."""
+    ok = np.isfinite(scores)
+    if out_of_range == "clip":
+        scores = np.where(ok, np.clip(scores, *score_range), scores)
+    elif out_of_range == "fail":
+        ok &= (scores >= score_range[0]) & (scores <= score_range[1])
+    elif out_of_range != "keep":
+        raise ValueError(f"out_of_range must be 'keep', 'clip' or 'fail', got {out_of_range!r}")
+    return scores, ok
+
+
 def parse_scores(
     completions: Sequence[str],
     on_failure: FailurePolicy = "random",
@@ -56,14 +72,9 @@ def parse_scores(
 ) -> ParsedScores:
     low, high = score_range
     raw = [extract_score(c) for c in completions]
-    scores = np.array([np.nan if s is None else s for s in raw], dtype=np.float64)
-    ok = ~np.isnan(scores)
-    # A digit run of hundreds of characters parses to inf; that is no score either.
-    ok &= np.isfinite(scores)
-    if out_of_range == "clip":
-        scores = np.where(ok, np.clip(scores, low, high), scores)
-    elif out_of_range == "fail":
-        ok &= (scores >= low) & (scores <= high)
+    scores, ok = apply_score_range(
+        np.array([np.nan if s is None else s for s in raw], dtype=np.float64), out_of_range, score_range
+    )
     failed = ~ok
     if on_failure == "random":
         rng = rng if rng is not None else np.random.default_rng()

@@ -13,7 +13,7 @@ from cluster.runtime_env import apply_default_env
 apply_default_env()
 
 from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, skimage_data_dir  # noqa: E402
-from iqa.images import load_image  # noqa: E402
+from iqa.images import load_image, random_view  # noqa: E402
 from learner.base_model import (  # noqa: E402
     CLEAN,
     BaseModelRecipe,
@@ -24,7 +24,6 @@ from learner.base_model import (  # noqa: E402
     image_statistics,
     measure,
     perception_examples,
-    random_view,
     training_photos,
 )
 from rewards.parsing import extract_score, format_reward  # noqa: E402

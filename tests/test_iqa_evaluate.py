@@ -133,3 +133,33 @@ def test_run_evaluation_logs_to_a_local_mlflow_store(tmp_path, dataset):
 def test_wrong_number_of_samples_is_an_error(tmp_path, dataset):
     with pytest.raises(ValueError, match="gave 3 samples for .* expected 4"):
         run_evaluation(dataset, sharpness_scorer(), tmp_path, num_samples=4, temperature=1.0, thinking=True)
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected_mean", "expected_parsed"),
+    [("keep", (2.0 + 4058.0) / 2, 2), ("clip", (2.0 + 5.0) / 2, 2), ("fail", 2.0, 1)],
+)
+def test_out_of_range_samples_follow_the_rewards_policy(
+    tmp_path, dataset, policy, expected_mean, expected_parsed
+):
+    # One sample a tiny model wrote without its decimal point ("4058" for "4.058") per image.
+    def score_images(images):
+        return [[2.0, 4058.0] for _ in images]
+
+    report = run_evaluation(
+        dataset,
+        score_images,
+        tmp_path,
+        num_samples=2,
+        temperature=1.0,
+        thinking=True,
+        bootstrap=0,
+        out_of_range_policy=policy,
+    )
+    with open(tmp_path / "eval_predictions.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert all(float(r["pred_mean"]) == pytest.approx(expected_mean) for r in rows)
+    assert all(int(r["n_parsed"]) == expected_parsed for r in rows)
+    assert all(json.loads(r["samples"]) == [2.0, 4058.0] for r in rows)  # the raw samples are kept
+    assert report["samples_out_of_range"] == len(rows)
+    assert report["out_of_range_rule"] == policy

@@ -8,7 +8,7 @@ import pytest
 from configs.schema import RewardConfig
 from rewards.batch import batch_rewards
 from rewards.fidelity import comparison_groups, fidelity_reward, total_reward
-from rewards.parsing import extract_score, format_reward, parse_scores
+from rewards.parsing import apply_score_range, extract_score, format_reward, parse_scores
 
 EPS = 1e-6
 
@@ -153,6 +153,18 @@ def test_parse_scores_failure_policies():
     assert failed.ok.tolist() == [True, False, False, False]
     huge = parse_scores(["<answer>" + "9" * 400 + "</answer>"], on_failure="exclude")
     assert not huge.ok[0]
+
+
+def test_apply_score_range_keeps_clips_or_fails_both_sides():
+    scores = np.array([0.5, 3.0, 4058.0, np.nan, np.inf])
+    kept, ok = apply_score_range(scores, "keep", (1.0, 5.0))
+    assert ok.tolist() == [True, True, True, False, False] and kept[2] == 4058.0
+    clipped, ok = apply_score_range(scores, "clip", (1.0, 5.0))
+    assert clipped[:3].tolist() == [1.0, 3.0, 5.0] and ok.tolist() == [True, True, True, False, False]
+    _, ok = apply_score_range(scores, "fail", (1.0, 5.0))
+    assert ok.tolist() == [False, True, False, False, False]
+    with pytest.raises(ValueError, match="out_of_range must be"):
+        apply_score_range(scores, "wrap", (1.0, 5.0))
 
 
 @pytest.mark.parametrize(
