@@ -398,10 +398,24 @@ def read_jsonl(spec: DatasetSpec, data: DataConfig) -> LabelTable:
 @register_format("builtin", rescale=False)
 def read_builtin(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     """The built-in benchmark, generated into data.cache_dir (or spec.path when given) on first use."""
-    cache_dir = Path(spec.path).expanduser() if spec.path else Path(data.cache_dir)
-    folder = build_builtin_benchmark(
-        cache_dir, data.builtin_size, data.builtin_seed, data.builtin_families, data.builtin_levels
+    return _generated_table(
+        build_builtin_benchmark(
+            _generation_dir(spec, data),
+            data.builtin_size,
+            data.builtin_seed,
+            data.builtin_families,
+            data.builtin_levels,
+        )
     )
+
+
+def _generation_dir(spec: DatasetSpec, data: DataConfig) -> Path:
+    """Where a generated dataset lives: spec.path when given, else data.cache_dir."""
+    return Path(spec.path).expanduser() if spec.path else Path(data.cache_dir)
+
+
+def _generated_table(folder: Path) -> LabelTable:
+    """The label table of a generated dataset's folder (its manifest.json: file, mos, ref per image)."""
     rows = [
         LabelRow(index, entry["file"], entry["mos"], ref=entry["ref"])
         for index, entry in enumerate(read_manifest(folder), start=1)
@@ -412,13 +426,9 @@ def read_builtin(spec: DatasetSpec, data: DataConfig) -> LabelTable:
 @register_format("tint", rescale=False)
 def read_tint(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     """The tint check (a loop test: rank red > gray > blue), generated into data.cache_dir (or spec.path)."""
-    cache_dir = Path(spec.path).expanduser() if spec.path else Path(data.cache_dir)
-    folder = build_tint_check(cache_dir, data.builtin_size, data.builtin_seed)
-    rows = [
-        LabelRow(index, entry["file"], entry["mos"], ref=entry["ref"])
-        for index, entry in enumerate(read_manifest(folder), start=1)
-    ]
-    return LabelTable(folder / "manifest.json", folder.absolute(), rows)
+    return _generated_table(
+        build_tint_check(_generation_dir(spec, data), data.builtin_size, data.builtin_seed)
+    )
 
 
 def write_jsonl(dataset: Dataset, path: str | Path, thinking: bool = True) -> Path:
