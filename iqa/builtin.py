@@ -168,28 +168,54 @@ def _is_fresh(folder: Path, parameters: dict) -> bool:
     )
 
 
-def _generate(folder: Path, parameters: dict) -> None:
+def build_cached_dataset(
+    cache_dir: str | Path,
+    name: str,
+    formula: str,
+    parameters: dict,
+    write_files: Callable[[Path], list[dict]],
+) -> Path:
+    """The folder `<name>-<size>px-seed<seed>-<hash of parameters>` under `cache_dir`, with its
+    `manifest.json` ({"formula": how labels are made, "parameters", "files"}); when the cached one is
+    missing or stale, `write_files(folder)` fills a new one and returns the manifest's file entries
+    (each with "file" and "sha256")."""
+    key = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(cache_dir) / f"{name}-{parameters['size']}px-seed{parameters['seed']}-{key}"
+    if _is_fresh(folder, parameters):
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    files = write_files(staging)
+    (staging / MANIFEST).write_text(
+        json.dumps({"formula": formula, "parameters": parameters, "files": files}, indent=1)
+    )
+    # Replace the old folder only once the new one is complete, so an interrupted run leaves no half cache.
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def _write_benchmark(folder: Path, parameters: dict) -> list[dict]:
     size, seed, levels = parameters["size"], parameters["seed"], parameters["levels"]
     families = list(parameters["families"])
     source_dir = skimage_data_dir()
     missing = [name for name in REFERENCE_PHOTOS if not (source_dir / name).is_file()]
     if missing:
         raise RuntimeError(f"scikit-image's data folder {source_dir} lacks {missing}; reinstall scikit-image")
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "references").mkdir(parents=True)
-    (staging / "images").mkdir()
+    (folder / "references").mkdir()
+    (folder / "images").mkdir()
     files = []
     for ref_index, photo in enumerate(tqdm(REFERENCE_PHOTOS, desc="builtin benchmark", unit="photo")):
         ref = Path(photo).stem
         reference = reference_photo(source_dir / photo, size)
-        reference.save(staging / "references" / f"{ref}.png")
+        reference.save(folder / "references" / f"{ref}.png")
         for family_index, family in enumerate(families):
             distortion = DISTORTIONS[family]
             for level, strength in enumerate(distortion.strengths(levels), start=1):
                 rng = np.random.default_rng([seed, ref_index, family_index, level])
                 relpath = f"images/{ref}_{family}_{level}.png"
-                distortion.apply(reference, strength, rng).save(staging / relpath)
+                distortion.apply(reference, strength, rng).save(folder / relpath)
                 files.append(
                     {
                         "file": relpath,
@@ -198,14 +224,10 @@ def _generate(folder: Path, parameters: dict) -> None:
                         "level": level,
                         "strength": strength,
                         "mos": builtin_mos(level, levels, family),
-                        "sha256": _sha256(staging / relpath),
+                        "sha256": _sha256(folder / relpath),
                     }
                 )
-    manifest = {"formula": MOS_FORMULA, "parameters": parameters, "files": files}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    # Replace the old folder only once the new one is complete, so an interrupted run leaves no half cache.
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    return files
 
 
 def build_builtin_benchmark(
@@ -224,12 +246,9 @@ def build_builtin_benchmark(
     if levels < 2:
         raise ValueError(f"the built-in benchmark needs at least 2 levels per family, got {levels}")
     parameters = _parameters(size, seed, families, levels)
-    key = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cache_dir) / f"builtin-{size}px-seed{seed}-{key}"
-    if not _is_fresh(folder, parameters):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        _generate(folder, parameters)
-    return folder
+    return build_cached_dataset(
+        cache_dir, "builtin", MOS_FORMULA, parameters, lambda folder: _write_benchmark(folder, parameters)
+    )
 
 
 def read_manifest(folder: Path) -> list[dict]:

@@ -9,20 +9,18 @@ ref = the source photo, tint, mos, sha256), in the built-in benchmark's layout (
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from iqa.builtin import MANIFEST, REFERENCE_PHOTOS, _is_fresh, _sha256, skimage_data_dir
+from iqa.builtin import REFERENCE_PHOTOS, _sha256, build_cached_dataset, skimage_data_dir
 from iqa.images import load_image, random_view
 
 GENERATOR_VERSION = 1
 # tint -> (RGB gain applied to the view's luminance, label)
 TINTS = {"red": ((1.0, 0.35, 0.35), 4.5), "gray": ((0.8, 0.8, 0.8), 3.0), "blue": ((0.35, 0.35, 1.0), 1.5)}
+LABEL_RULE = "MOS = " + ", ".join(f"{mos} {name}" for name, (_, mos) in TINTS.items())
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
@@ -45,28 +43,29 @@ def build_tint_check(
         "tints": {name: list(gain) + [mos] for name, (gain, mos) in TINTS.items()},
         "references": list(REFERENCE_PHOTOS),
     }
-    key = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cache_dir) / f"tint-{size}px-seed{seed}-{key}"
-    if _is_fresh(folder, parameters):
-        return folder
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
-    files = []
-    tint_names = list(TINTS)
-    for photo_index, photo_name in enumerate(REFERENCE_PHOTOS):
-        photo = load_image(skimage_data_dir() / photo_name)
-        ref = Path(photo_name).stem
-        for view_index in range(views_per_photo):
-            rng = np.random.default_rng([seed, photo_index, view_index])
-            tint = tint_names[view_index % len(tint_names)]
-            gain, mos = TINTS[tint]
-            relpath = f"images/{ref}_{view_index:02d}_{tint}.png"
-            tinted(random_view(photo, rng, size), gain).save(staging / relpath)
-            files.append(
-                {"file": relpath, "ref": ref, "tint": tint, "mos": mos, "sha256": _sha256(staging / relpath)}
-            )
-    (staging / MANIFEST).write_text(json.dumps({"parameters": parameters, "files": files}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
+
+    def write_views(folder: Path) -> list[dict]:
+        (folder / "images").mkdir()
+        files = []
+        tint_names = list(TINTS)
+        for photo_index, photo_name in enumerate(REFERENCE_PHOTOS):
+            photo = load_image(skimage_data_dir() / photo_name)
+            ref = Path(photo_name).stem
+            for view_index in range(views_per_photo):
+                rng = np.random.default_rng([seed, photo_index, view_index])
+                tint = tint_names[view_index % len(tint_names)]
+                gain, mos = TINTS[tint]
+                relpath = f"images/{ref}_{view_index:02d}_{tint}.png"
+                tinted(random_view(photo, rng, size), gain).save(folder / relpath)
+                files.append(
+                    {
+                        "file": relpath,
+                        "ref": ref,
+                        "tint": tint,
+                        "mos": mos,
+                        "sha256": _sha256(folder / relpath),
+                    }
+                )
+        return files
+
+    return build_cached_dataset(cache_dir, "tint", LABEL_RULE, parameters, write_views)
