@@ -1,4 +1,5 @@
-"""Training curves as one PNG: rewards, score spread within an image, KL and held-out SRCC."""
+"""Training curves as one PNG: rewards, score spread within an image, KL, parse failures, the SRCC of
+each training batch (smoothed) and held-out SRCC."""
 
 from __future__ import annotations
 
@@ -14,7 +15,21 @@ PANELS = [
     ("score spread within an image", ["score/spread_within_image"]),
     ("KL to reference", ["learner/kl"]),
     ("parse failures", ["reward/parse_failure_rate"]),
+    ("SRCC of the training batch", ["score/batch_srcc"]),
 ]
+# Per-step values too noisy to read raw (16 images a step): drawn faint, with a moving average over
+# this many steps on top.
+SMOOTHED = {"score/batch_srcc": 20}
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` non-NaN values at each point (fewer at the start); NaN before any."""
+    out, recent = [], []
+    for value in values:
+        if value == value:  # not NaN
+            recent = (recent + [value])[-window:]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
 
 
 def plot_training_curves(history: list[dict], evaluations: dict[int, float], path: str | Path) -> Path:
@@ -23,7 +38,11 @@ def plot_training_curves(history: list[dict], evaluations: dict[int, float], pat
     steps = [row["step"] for row in history]
     for ax, (title, keys) in zip(axes, PANELS, strict=False):
         for key in keys:
-            ax.plot(steps, [row.get(key, float("nan")) for row in history], label=key.split("/")[-1])
+            values = [row.get(key, float("nan")) for row in history]
+            if key in SMOOTHED:
+                ax.plot(steps, values, alpha=0.3)
+                values = moving_average(values, SMOOTHED[key])
+            ax.plot(steps, values, label=key.split("/")[-1])
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:

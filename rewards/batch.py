@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from configs.schema import RewardConfig
 from rewards.fidelity import comparison_groups, fidelity_reward, total_reward
@@ -24,6 +25,27 @@ class BatchRewards:
     scores: np.ndarray  # (B, G), after the failure policy
     parse_ok: np.ndarray  # (B, G) bool
     group_ids: np.ndarray  # (B,)
+    mos: np.ndarray  # (B,), the labels the fidelity reward used
+
+    def batch_srcc(self) -> float:
+        """SRCC between each image's mean parsed score and its MOS within its comparison group, averaged
+        over groups of 3+ images with untied means, weighted by size: does the policy rank what it is
+        trained on? NaN when no group qualifies."""
+        counts = self.parse_ok.sum(axis=1)
+        means = np.divide(
+            np.where(self.parse_ok, self.scores, 0.0).sum(axis=1),
+            counts,
+            out=np.full(len(counts), np.nan),
+            where=counts > 0,
+        )
+        correlations, sizes = [], []
+        for group in np.unique(self.group_ids):
+            members = (self.group_ids == group) & (counts > 0)
+            if members.sum() < 3 or np.ptp(means[members]) == 0 or np.ptp(self.mos[members]) == 0:
+                continue
+            correlations.append(spearmanr(means[members], self.mos[members]).statistic)
+            sizes.append(members.sum())
+        return float(np.average(correlations, weights=sizes)) if correlations else float("nan")
 
     def metrics(self) -> dict[str, float]:
         valid_scores = np.where(self.parse_ok, self.scores, np.nan)
@@ -43,6 +65,7 @@ class BatchRewards:
             "reward/parse_failure_rate": float(1.0 - self.parse_ok.mean()),
             "score/mean": float(np.nanmean(valid_scores)) if self.parse_ok.any() else float("nan"),
             "score/spread_within_image": float(np.mean(spread)),
+            "score/batch_srcc": self.batch_srcc(),
         }
 
 
@@ -79,8 +102,15 @@ def batch_rewards(
     group_ids = comparison_groups(dataset_names, config.group_size)
     # Under "random" a failed parse still takes part with its drawn score (the published behaviour).
     valid = parse_ok if config.on_parse_failure == "exclude" else None
-    fidelity = fidelity_reward(scores, np.asarray(mos, dtype=np.float64), group_ids, valid=valid)
+    mos = np.asarray(mos, dtype=np.float64)
+    fidelity = fidelity_reward(scores, mos, group_ids, valid=valid)
     total = total_reward(fidelity, fmt, config.fidelity_weight, config.format_weight)
     return BatchRewards(
-        total=total, fidelity=fidelity, format=fmt, scores=scores, parse_ok=parse_ok, group_ids=group_ids
+        total=total,
+        fidelity=fidelity,
+        format=fmt,
+        scores=scores,
+        parse_ok=parse_ok,
+        group_ids=group_ids,
+        mos=mos,
     )

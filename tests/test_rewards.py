@@ -203,3 +203,47 @@ def test_batch_rewards_end_to_end_and_metrics():
     assert all(np.isfinite(v) for v in metrics.values())
     with pytest.raises(ValueError, match="same number of completions"):
         batch_rewards([["a"], ["b", "c"]], [1, 2], ["k", "k"], config)
+
+
+def _answers(scores):
+    return [f"<think>t</think><answer>{s}</answer>" if s is not None else "no answer" for s in scores]
+
+
+def test_batch_srcc_matches_a_plain_spearman_of_mean_scores_per_group():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(1, 5, size=8)
+    scores = rng.integers(1, 6, size=(8, 4))
+    names = ["a"] * 5 + ["b"] * 3
+    out = batch_rewards([_answers(row) for row in scores], mos, names, RewardConfig())
+    means = scores.mean(axis=1)
+    expected = (5 * spearmanr(means[:5], mos[:5]).statistic + 3 * spearmanr(means[5:], mos[5:]).statistic) / 8
+    assert out.metrics()["score/batch_srcc"] == pytest.approx(expected)
+
+
+def test_batch_srcc_is_one_when_scores_follow_mos_and_minus_one_when_reversed():
+    mos = [1.0, 2.0, 3.0, 4.0]
+    config = RewardConfig()
+    follow = batch_rewards([_answers([m, m]) for m in mos], mos, ["k"] * 4, config)
+    reverse = batch_rewards([_answers([6 - m, 6 - m]) for m in mos], mos, ["k"] * 4, config)
+    assert follow.batch_srcc() == pytest.approx(1.0)
+    assert reverse.batch_srcc() == pytest.approx(-1.0)
+
+
+def test_batch_srcc_leaves_out_parse_failures_small_groups_and_ties():
+    from scipy.stats import spearmanr
+
+    config = RewardConfig(on_parse_failure="exclude")
+    mos = [1.0, 2.0, 3.0, 4.0]
+    # Image 3's only parsed score is 1; its failed sample must not count as a score.
+    out = batch_rewards(
+        [_answers([1, 1]), _answers([2, 2]), _answers([3, 3]), _answers([1, None])], mos, ["k"] * 4, config
+    )
+    assert out.batch_srcc() == pytest.approx(spearmanr([1, 2, 3, 1], mos).statistic)
+    two_images = batch_rewards([_answers([1]), _answers([5])], [1.0, 5.0], ["k", "k"], config)
+    assert math.isnan(two_images.batch_srcc())
+    all_tied = batch_rewards([_answers([3, 3])] * 4, mos, ["k"] * 4, config)
+    assert math.isnan(all_tied.batch_srcc())
+    nothing_parsed = batch_rewards([_answers([None])] * 4, mos, ["k"] * 4, config)
+    assert math.isnan(nothing_parsed.batch_srcc())

@@ -27,6 +27,7 @@ STEP_METRICS = [
     "reward/format_std",
     "reward/parse_failure_rate",
     "score/spread_within_image",
+    "score/batch_srcc",
     "advantage/mean",
     "advantage/std",
     "learner/loss",
