@@ -395,6 +395,7 @@ def step_line(step: int, steps: int, metrics: dict) -> str:
         f"step {step}/{steps} | reward {metrics['reward/total_mean']:.3f} "
         f"(fidelity {metrics['reward/fidelity_mean']:.3f}, format {metrics['reward/format_mean']:.2f}) | "
         f"parse fail {metrics['reward/parse_failure_rate']:.2f} | spread {metrics['score/spread_within_image']:.2f} | "
+        f"batch srcc {metrics['score/batch_srcc']:+.2f} | "
         f"kl {metrics['learner/kl']:.4f} | loss {metrics['learner/loss']:+.4f} | "
         f"gen {metrics['time/generate_s']:.1f}s train {metrics['time/train_s']:.1f}s "
         f"push {metrics['time/weight_push_s']:.2f}s | {metrics['perf/rollout_tokens_per_s']:.0f} tok/s"

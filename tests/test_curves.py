@@ -1,4 +1,4 @@
-"""The training-curves PNG and the moving average drawn over noisy per-step metrics."""
+"""The training-curves PNG, the moving average drawn over noisy per-step metrics, the step log line."""
 
 import math
 
@@ -25,3 +25,25 @@ def test_training_curves_png_has_a_panel_per_metric_group_and_held_out_srcc(tmp_
     with Image.open(path) as image:
         width, height = image.size
     assert path.is_file() and width > height * (len(PANELS) + 1) / 2
+
+
+def test_step_line_shows_the_training_batch_srcc():
+    from cluster.train import step_line
+
+    metrics = {
+        "reward/total_mean": 1.5,
+        "reward/fidelity_mean": 0.7,
+        "reward/format_mean": 0.8,
+        "reward/parse_failure_rate": 0.0,
+        "score/spread_within_image": 1.1,
+        "score/batch_srcc": 0.25,
+        "learner/kl": 0.01,
+        "learner/loss": 0.002,
+        "time/generate_s": 2.0,
+        "time/train_s": 7.0,
+        "time/weight_push_s": 0.1,
+        "perf/rollout_tokens_per_s": 1300.0,
+    }
+    line = step_line(3, 30, metrics)
+    assert line.startswith("step 3/30 |") and "| batch srcc +0.25 |" in line
+    assert "batch srcc +nan" in step_line(3, 30, metrics | {"score/batch_srcc": float("nan")})
