@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from iqa.builtin import build_builtin_benchmark, read_manifest
 from learner.grpo import group_advantages
@@ -31,8 +32,6 @@ SCORE_MEAN, SCORE_SD = 3.0, 1.1
 
 def centred_rank(mos: np.ndarray) -> np.ndarray:
     """Each image's MOS rank in its batch scaled to [-1, 1] (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
     return (rankdata(mos) - (len(mos) + 1) / 2) / ((len(mos) - 1) / 2)
 
 
