@@ -131,7 +131,7 @@ def reference_photo(path: Path, size: int) -> Image.Image:
     return square.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -163,7 +163,7 @@ def _is_fresh(folder: Path, parameters: dict) -> bool:
     if manifest.get("parameters") != parameters:
         return False
     return all(
-        (folder / entry["file"]).is_file() and _sha256(folder / entry["file"]) == entry["sha256"]
+        (folder / entry["file"]).is_file() and file_sha256(folder / entry["file"]) == entry["sha256"]
         for entry in manifest["files"]
     )
 
@@ -224,7 +224,7 @@ def _write_benchmark(folder: Path, parameters: dict) -> list[dict]:
                         "level": level,
                         "strength": strength,
                         "mos": builtin_mos(level, levels, family),
-                        "sha256": _sha256(folder / relpath),
+                        "sha256": file_sha256(folder / relpath),
                     }
                 )
     return files

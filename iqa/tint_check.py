@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iqa.builtin import REFERENCE_PHOTOS, _sha256, build_cached_dataset, skimage_data_dir
+from iqa.builtin import REFERENCE_PHOTOS, build_cached_dataset, file_sha256, skimage_data_dir
 from iqa.images import load_image, random_view
 
 GENERATOR_VERSION = 1
@@ -63,7 +63,7 @@ def build_tint_check(
                         "ref": ref,
                         "tint": tint,
                         "mos": mos,
-                        "sha256": _sha256(folder / relpath),
+                        "sha256": file_sha256(folder / relpath),
                     }
                 )
         return files
