@@ -7,7 +7,8 @@ the parsed scores is the prediction and their sample standard deviation the spre
 (one "4058" from a tiny model that lost its decimal point would otherwise decide its image's rank and
 wreck PLCC's fit). An image whose n samples ALL failed gets the midpoint of `score_range` (3.0 for
 [1, 5]) as its prediction, so the metrics cover the whole split; such images are counted
-("images_all_failed") and marked in the CSV and the plot. Metrics are computed per dataset (MOS scales differ between datasets) and over all rows.
+("images_all_failed") and marked in the CSV and the plot. Metrics are computed per dataset (MOS
+scales differ between datasets) and over all rows.
 
 Files written to `out_dir`: `<prefix>_predictions.csv`, `<prefix>_metrics.json` (with the decoding
 settings), `<prefix>_scatter.png`.

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MIN_GAIN = 0.2
 
 
-def tint_check_command(tmp_path: Path, *extra: str) -> list[str]:
-    return [
+@pytest.mark.slow
+def test_grpo_learns_to_rank_the_tint_check(tmp_path):
+    command = [
         sys.executable,
         "-m",
         "cluster.train",
@@ -34,13 +35,8 @@ def tint_check_command(tmp_path: Path, *extra: str) -> list[str]:
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"data.cache_dir={ROOT / '.cache' / 'vqr1'}",
         "eval.bootstrap=0",
-        *extra,
     ]
-
-
-@pytest.mark.slow
-def test_grpo_learns_to_rank_the_tint_check(tmp_path):
-    subprocess.run(tint_check_command(tmp_path), cwd=ROOT, check=True)
+    subprocess.run(command, cwd=ROOT, check=True)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     before, after = result["before"]["srcc"], result["after"]["srcc"]
     assert abs(before) < 0.2, f"the cold start already ranks the tints (SRCC {before:.3f})"
