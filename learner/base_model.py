@@ -17,7 +17,8 @@ amplify. This module makes the stand-in for "a pretrained Qwen2.5-VL" from a pre
    language model learns to read the image tokens.
 -> the base checkpoint.
 3. format cold start: on the published prompt the model answers `<think> short text </think>
-   <answer>X.XX</answer>` with a score drawn at random, independent of the image; a share of the
+   <answer>X</answer>` with a score drawn at random, independent of the image (`--score-decimals`
+   sets the score's digits; the shipped checkpoint's history is in models/README.md); a share of the
    examples stays perception questions so the image stays in use. The vision tower is frozen (the
    targets carry no image information to learn from).
 -> the cold-start checkpoint: the default start of GRPO.
@@ -27,7 +28,8 @@ transformers and vLLM load them like any Qwen2.5-VL. They are cached under a key
 
     python -m learner.base_model [--preset small] [--threads 1] [--out DIR]
 
-builds (or reuses) both, measures them against the random init, and copies them to DIR.
+builds (or reuses) both, measures them against the random init, and copies them to DIR;
+`--cold-start-from CHECKPOINT` runs only the cold start, on top of the given checkpoint.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ class BaseModelRecipe:
     cold_start_batch_size: int = 16
     cold_start_lr: float = 1e-3
     cold_start_perception_share: float = 0.25
+    # Decimals of the cold start's random scores. 0: a whole number, one token; every extra digit is a
+    # token of pure noise whose gradient dilutes the first digit's under Adam (README, "Does it learn?").
+    cold_start_score_decimals: int = 2
 
     def base_fields(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not k.startswith("cold_start_")}
@@ -208,9 +213,13 @@ def perception_samples(processor, examples: Sequence[PerceptionExample], rng: np
     return samples
 
 
-def cold_start_answer(rng: np.random.Generator) -> str:
-    """A well-formed answer whose score is a uniform draw in [1, 5], independent of the image."""
-    return f"<think> {THOUGHTS[int(rng.integers(len(THOUGHTS)))]} </think> <answer>{rng.uniform(1, 5):.2f}</answer>"
+def cold_start_answer(rng: np.random.Generator, decimals: int = 2) -> str:
+    """A well-formed answer whose score is a uniform draw from the grid of `decimals` decimals in [1, 5],
+    independent of the image."""
+    steps = 4 * 10**decimals
+    score = 1 + int(rng.integers(steps + 1)) / 10**decimals
+    thought = THOUGHTS[int(rng.integers(len(THOUGHTS)))]
+    return f"<think> {thought} </think> <answer>{score:.{decimals}f}</answer>"
 
 
 # ---------------------------------------------------------------- model pieces
@@ -371,7 +380,11 @@ def train_cold_start(model, processor, photos, recipe: BaseModelRecipe) -> list[
             photos, recipe.families, rng, recipe.cold_start_batch_size, recipe.image_size
         )
         samples = [
-            PolicySample(e.image, prompt, [answer_ids(processor, cold_start_answer(rng))])
+            PolicySample(
+                e.image,
+                prompt,
+                [answer_ids(processor, cold_start_answer(rng, recipe.cold_start_score_decimals))],
+            )
             for e in examples[:format_count]
         ]
         samples += perception_samples(processor, examples[format_count:], rng)
@@ -432,25 +445,45 @@ def base_checkpoint(
 
 
 def cold_start_checkpoint(
-    recipe: BaseModelRecipe = BaseModelRecipe(), cache_dir: str | Path = DEFAULT_CACHE_DIR
+    recipe: BaseModelRecipe = BaseModelRecipe(),
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    start: str | Path | None = None,
 ) -> Path:
-    """The format cold start on top of the base model: where GRPO starts. Built on first use, cached."""
+    """The format cold start: where GRPO starts. Trained on top of `start` (a checkpoint folder; default
+    the recipe's base model, built first), on first use, and cached under the recipe and the start's
+    weights."""
     cache_dir = Path(cache_dir)
-    base = base_checkpoint(recipe, cache_dir)
+    source = base_checkpoint(recipe, cache_dir) if start is None else Path(start)
+    start_record = {}
+    if start is not None:
+        start_record = {"start": str(source), "start_sha256": _sha256(source / "model.safetensors")}
+    if start is None:
+        key = recipe.cold_start_key()
+    else:
+        key = _hash({"recipe": recipe.cold_start_key(), "start": start_record["start_sha256"]})
 
     def write(folder: Path) -> None:
-        model = load_model(base).train()
-        processor = load_processor(base, recipe.min_pixels, recipe.max_pixels)
-        start = time.perf_counter()
+        model = load_model(source).train()
+        processor = load_processor(source, recipe.min_pixels, recipe.max_pixels)
+        start_time = time.perf_counter()
         losses = train_cold_start(model, processor, training_photos(recipe), recipe)
         record = {
-            "wall_s": round(time.perf_counter() - start, 1),
+            **start_record,
+            "wall_s": round(time.perf_counter() - start_time, 1),
             "torch_threads": torch.get_num_threads(),
             "final_loss": np.mean(losses[-20:]),
         }
-        _save(model, base, folder, recipe, "cold_start", record)
+        _save(model, source, folder, recipe, "cold_start", record)
 
-    return build_cached(cache_dir / f"cold-start-{recipe.preset}-{recipe.cold_start_key()}", write)
+    return build_cached(cache_dir / f"cold-start-{recipe.preset}-{key}", write)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- measurements
@@ -602,14 +635,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-measure", action="store_true", help="build only; skip the measurements")
+    parser.add_argument(
+        "--cold-start-from",
+        type=Path,
+        help="run only the format cold start, on top of this checkpoint folder instead of the base model",
+    )
+    parser.add_argument("--cold-start-steps", type=int, default=BaseModelRecipe.cold_start_steps)
+    parser.add_argument(
+        "--score-decimals",
+        type=int,
+        default=BaseModelRecipe.cold_start_score_decimals,
+        help="decimals of the cold start's random scores (0: whole numbers)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = replace(BaseModelRecipe(), preset=args.preset, seed=args.seed)
-    checkpoints = {
-        "random_init": _random_init(recipe, Path(args.cache_dir)),
-        "base": base_checkpoint(recipe, args.cache_dir),
-        "cold_start": cold_start_checkpoint(recipe, args.cache_dir),
-    }
+    recipe = replace(
+        BaseModelRecipe(),
+        preset=args.preset,
+        seed=args.seed,
+        cold_start_steps=args.cold_start_steps,
+        cold_start_score_decimals=args.score_decimals,
+    )
+    if args.cold_start_from is None:
+        checkpoints = {
+            "random_init": _random_init(recipe, Path(args.cache_dir)),
+            "base": base_checkpoint(recipe, args.cache_dir),
+            "cold_start": cold_start_checkpoint(recipe, args.cache_dir),
+        }
+    else:
+        checkpoints = {"cold_start": cold_start_checkpoint(recipe, args.cache_dir, args.cold_start_from)}
     for stage, path in checkpoints.items():
         print(f"{stage}: {path}")
     if not args.no_measure:
@@ -618,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(report, indent=2))
     if args.out is not None:
-        for stage in ("base", "cold_start"):
+        for stage in [stage for stage in checkpoints if stage != "random_init"]:
             target = args.out / stage.replace("_", "-")
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(checkpoints[stage], target)

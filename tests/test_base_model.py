@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from cluster.runtime_env import apply_default_env
 
@@ -26,6 +31,7 @@ from learner.base_model import (  # noqa: E402
     perception_examples,
     training_photos,
 )
+from learner.model_factory import build_checkpoint  # noqa: E402
 from rewards.parsing import extract_score, format_reward  # noqa: E402
 
 
@@ -35,9 +41,20 @@ def test_cold_start_answers_are_well_formed_and_their_scores_uniform_in_range():
     assert format_reward(answers).min() == 1.0
     scores = np.array([extract_score(a) for a in answers])
     assert scores.min() >= 1.0 and scores.max() <= 5.0
+    assert all(re.search(r"<answer>\d\.\d\d</answer>", a) for a in answers)
     # Uniform on [1, 5]: every unit bin holds about a quarter of the draws.
     counts = np.histogram(scores, bins=4, range=(1, 5))[0]
     assert np.all(np.abs(counts / len(scores) - 0.25) < 0.04)
+
+
+def test_cold_start_whole_number_scores_are_one_token_each_equally_likely():
+    rng = np.random.default_rng(0)
+    answers = [cold_start_answer(rng, decimals=0) for _ in range(2000)]
+    assert format_reward(answers).min() == 1.0
+    assert all(re.search(r"<answer>[1-5]</answer>", a) for a in answers)
+    values, counts = np.unique([extract_score(a) for a in answers], return_counts=True)
+    assert values.tolist() == [1, 2, 3, 4, 5]
+    assert np.all(np.abs(counts / len(answers) - 0.2) < 0.03)
 
 
 def test_random_view_is_a_resized_square_crop():
@@ -99,6 +116,24 @@ def test_cold_start_fields_change_only_the_cold_start_key():
     assert longer.cold_start_key() != recipe.cold_start_key()
     other_seed = replace(recipe, seed=recipe.seed + 1)
     assert other_seed.base_key() != recipe.base_key()
+
+
+def test_cold_start_from_a_given_checkpoint_is_keyed_by_its_weights_and_records_them(tmp_path):
+    recipe = replace(BaseModelRecipe(), preset="tiny", cold_start_steps=2, cold_start_batch_size=4)
+    start = build_checkpoint("tiny", tmp_path / "init", seed=0)
+    other_start = build_checkpoint("tiny", tmp_path / "init", seed=1)
+
+    path = cold_start_checkpoint(recipe, tmp_path, start=start)
+    record = json.loads((path / "vqr1_recipe.json").read_text())
+    assert record["start_sha256"] == hashlib.sha256((start / "model.safetensors").read_bytes()).hexdigest()
+    assert record["recipe"]["cold_start_steps"] == 2
+    trained, initial = load_file(path / "model.safetensors"), load_file(start / "model.safetensors")
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+    assert (path / "tokenizer.json").is_file()  # loadable on its own: the start's tokenizer came along
+    assert not list(tmp_path.glob("base-*"))  # the recipe's base model was not built
+
+    assert cold_start_checkpoint(recipe, tmp_path, start=start) == path
+    assert cold_start_checkpoint(recipe, tmp_path, start=other_start) != path
 
 
 @pytest.mark.slow
