@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from actor.prompts import build_prompt_text
 from configs.schema import DataConfig
-from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, skimage_data_dir
+from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, file_sha256, skimage_data_dir
 from iqa.images import load_image, random_view
 from learner.model_factory import (
     DEFAULT_CACHE_DIR,
@@ -456,7 +456,7 @@ def cold_start_checkpoint(
     source = base_checkpoint(recipe, cache_dir) if start is None else Path(start)
     start_record = {}
     if start is not None:
-        start_record = {"start": str(source), "start_sha256": _sha256(source / "model.safetensors")}
+        start_record = {"start": str(source), "start_sha256": file_sha256(source / "model.safetensors")}
     if start is None:
         key = recipe.cold_start_key()
     else:
@@ -476,14 +476,6 @@ def cold_start_checkpoint(
         _save(model, source, folder, recipe, "cold_start", record)
 
     return build_cached(cache_dir / f"cold-start-{recipe.preset}-{key}", write)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- measurements
