@@ -17,8 +17,8 @@ amplify. This module makes the stand-in for "a pretrained Qwen2.5-VL" from a pre
    language model learns to read the image tokens.
 -> the base checkpoint.
 3. format cold start: on the published prompt the model answers `<think> short text </think>
-   <answer>X</answer>` with a score drawn at random, independent of the image (`--score-decimals`
-   sets the score's digits; the shipped checkpoint's history is in models/README.md); a share of the
+   <answer>X.XX</answer>` with a score drawn at random, independent of the image (`--score-decimals`
+   sets the decimals; 0 makes the score one token); a share of the
    examples stays perception questions so the image stays in use. The vision tower is frozen (the
    targets carry no image information to learn from).
 -> the cold-start checkpoint: the default start of GRPO.
@@ -216,6 +216,8 @@ def perception_samples(processor, examples: Sequence[PerceptionExample], rng: np
 def cold_start_answer(rng: np.random.Generator, decimals: int = 2) -> str:
     """A well-formed answer whose score is a uniform draw from the grid of `decimals` decimals in [1, 5],
     independent of the image."""
+    if decimals < 0:
+        raise ValueError(f"cold_start_score_decimals must be 0 or more, got {decimals}")
     steps = 4 * 10**decimals
     score = 1 + int(rng.integers(steps + 1)) / 10**decimals
     thought = THOUGHTS[int(rng.integers(len(THOUGHTS)))]
@@ -453,13 +455,11 @@ def cold_start_checkpoint(
     the recipe's base model, built first), on first use, and cached under the recipe and the start's
     weights."""
     cache_dir = Path(cache_dir)
-    source = base_checkpoint(recipe, cache_dir) if start is None else Path(start)
-    start_record = {}
-    if start is not None:
-        start_record = {"start": str(source), "start_sha256": file_sha256(source / "model.safetensors")}
     if start is None:
-        key = recipe.cold_start_key()
+        source, start_record, key = base_checkpoint(recipe, cache_dir), {}, recipe.cold_start_key()
     else:
+        source = Path(start)
+        start_record = {"start": str(source), "start_sha256": file_sha256(source / "model.safetensors")}
         key = _hash({"recipe": recipe.cold_start_key(), "start": start_record["start_sha256"]})
 
     def write(folder: Path) -> None:

@@ -55,6 +55,8 @@ def test_cold_start_whole_number_scores_are_one_token_each_equally_likely():
     values, counts = np.unique([extract_score(a) for a in answers], return_counts=True)
     assert values.tolist() == [1, 2, 3, 4, 5]
     assert np.all(np.abs(counts / len(answers) - 0.2) < 0.03)
+    with pytest.raises(ValueError, match="cold_start_score_decimals"):
+        cold_start_answer(rng, decimals=-1)
 
 
 def test_random_view_is_a_resized_square_crop():
