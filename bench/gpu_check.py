@@ -66,6 +66,7 @@ def start_learner(checkpoint: Path, zero_stage: int, bf16: bool, num_sequences: 
         micro_batch_size=num_sequences,
         zero_stage=zero_stage,
         bf16=bf16,
+        share_prompt_forward=False,  # GPU_MODEL checkpoints gradients, which drops the KV cache
     )
     info = worker.setup(
         checkpoint,

@@ -1,4 +1,5 @@
-"""Our trainer's seconds per GRPO step and its phase breakdown (issue 6, items 2 and 3).
+"""Our trainer's seconds per GRPO step and its phase breakdown (issue 6, items 2 and 3), and the
+shared-prompt forward's gain over running each completion's prompt on its own.
 
 Runs `cluster.train.run` on the cpu-default preset for a few steps (evaluation cut to a few images,
 no mid-run checkpoints, MLflow in a throw-away sqlite store), then reads the per-phase times back
@@ -134,10 +135,22 @@ def print_summary(summary: dict) -> None:
     print(f"  weight push share of the step: {summary['weight_push_share']:.1%}")
 
 
+# The baseline the shared-prompt forward (learner.share_prompt_forward, the default) is compared with.
+PER_SEQUENCE = "learner.share_prompt_forward=false"
+
+
 def main(overrides: tuple = ()) -> list[dict]:
+    """The step as configured, then the same with every completion running its own prompt forward."""
     summary = measure(overrides)
+    baseline = measure((*overrides, PER_SEQUENCE))
     print_summary(summary)
-    return [summary]
+    print(f"\nBaseline: the same with {PER_SEQUENCE}")
+    print_summary(baseline)
+    print(
+        f"\nShared prompt forward: train phase {baseline['phases_s']['train'] / summary['phases_s']['train']:.2f}x "
+        f"faster, whole step (wall) {baseline['wall_s'] / summary['wall_s']:.2f}x"
+    )
+    return [summary | {"prompt_forward": "shared"}, baseline | {"prompt_forward": "per_sequence"}]
 
 
 if __name__ == "__main__":

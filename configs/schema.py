@@ -140,6 +140,9 @@ class LearnerConfig(Section):
     loss_aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     advantage: Literal["std", "mean_only"] = "std"
     micro_batch_size: int = Field(8, ge=1, description="completions per forward/backward")
+    # Run an image's prompt once for its G completions (exact; 3x faster learner here). Needs the KV
+    # cache, which gradient checkpointing switches off: turn this off where that is on.
+    share_prompt_forward: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     bf16: bool = False
@@ -253,6 +256,11 @@ class Config(Section):
             raise ValueError(
                 f"train.images_per_step ({self.train.images_per_step}) must be divisible by "
                 f"learner.num_workers ({self.learner.num_workers}): every rank trains on the same number of images"
+            )
+        if self.learner.share_prompt_forward and self.model.gradient_checkpointing:
+            raise ValueError(
+                "learner.share_prompt_forward needs the KV cache, which model.gradient_checkpointing "
+                "switches off: set learner.share_prompt_forward=false or model.gradient_checkpointing=false"
             )
         if self.train.images_per_step < self.rollout.num_workers:
             raise ValueError(

@@ -184,7 +184,7 @@ class LearnerWorker:
         for _ in range(num_iterations):
             for index, batch in enumerate(batches):
                 engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
-                logp, mask = completion_logprobs(engine, batch, self.pad_token_id, self.temperature)
+                logp, mask = self._completion_logprobs(engine, batch)
                 loss, metrics = grpo_loss(
                     logp,
                     old[index] if old is not None else logp.detach(),
@@ -300,9 +300,12 @@ class LearnerWorker:
         return self.engine
 
     def _logprobs(self, model, batches) -> list[torch.Tensor]:
-        return [
-            completion_logprobs(model, batch, self.pad_token_id, self.temperature)[0] for batch in batches
-        ]
+        return [self._completion_logprobs(model, batch)[0] for batch in batches]
+
+    def _completion_logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logprobs(
+            model, batch, self.pad_token_id, self.temperature, self.learner.share_prompt_forward
+        )
 
     def _trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self._require_setup().module.named_parameters() if p.requires_grad]

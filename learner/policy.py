@@ -139,14 +139,17 @@ def build_micro_batches(
 
 
 def completion_logprobs(
-    model, batch: MicroBatch, pad_token_id: int, temperature: float = 1.0
+    model, batch: MicroBatch, pad_token_id: int, temperature: float = 1.0, share_prompt: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, mask), both (B, T) with T the longest completion: log pi(completion token | prefix).
 
     `model` is a Qwen2.5-VL / Qwen2-VL causal LM or a DeepSpeed engine wrapping one. Only the positions
     that predict completion tokens go through the LM head (the vocabulary projection is the largest
-    activation). Gradients flow when called with grad enabled.
+    activation). Gradients flow when called with grad enabled. share_prompt: run each image's prompt
+    once for all its completions (`shared_prompt_logprobs`); the same values, less arithmetic.
     """
+    if share_prompt:
+        return shared_prompt_logprobs(model, batch, pad_token_id, temperature)
     device = next(iter(_module(model).parameters())).device
     inputs = batch.model_inputs(pad_token_id, device)
     prompt_lengths = batch.prompt_lengths.to(device)
@@ -170,6 +173,85 @@ def completion_logprobs(
     return logp, mask
 
 
+def shared_prompt_logprobs(
+    model, batch: MicroBatch, pad_token_id: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logprobs` with each distinct prompt (image + text) run once, not once per completion.
+
+    The G completions of an image share its prompt, which is most of each sequence (the image tokens
+    and the chat template): the prompts of one length are run together with a KV cache, the cache is
+    expanded to their completions, and the completions run on it, so the gradient of the prompt's keys
+    and values sums over every completion that attends to them, as in the per-sequence forward. Needs
+    the model's KV cache, which transformers drops under gradient checkpointing (rejected here).
+    """
+    from transformers import DynamicCache
+
+    hf_model = _module(model)
+    if getattr(hf_model, "is_gradient_checkpointing", False) and hf_model.training:
+        raise ValueError("shared-prompt log-probs need the KV cache, which gradient checkpointing disables")
+    device = next(iter(hf_model.parameters())).device
+    width = int(batch.completion_lengths.max())
+    completions = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    for row, completion in enumerate(batch.completions):
+        completions[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+    completions = completions.to(device)
+    mask = (torch.arange(width).unsqueeze(0) < batch.completion_lengths.unsqueeze(1)).to(device)
+
+    # Distinct prompts (an image's completions share one EncodedPrompt object), grouped by length.
+    distinct: dict[int, EncodedPrompt] = {}
+    for prompt in batch.prompts:
+        distinct.setdefault(id(prompt), prompt)
+    by_length: dict[int, list[int]] = {}
+    for key, prompt in distinct.items():
+        by_length.setdefault(prompt.input_ids.numel(), []).append(key)
+
+    logp = torch.zeros((len(batch), width), device=device)
+    for length, keys in by_length.items():
+        prompts = [distinct[key] for key in keys]
+        input_ids = torch.stack([p.input_ids for p in prompts]).to(device)
+        mm_token_type_ids = torch.stack([p.mm_token_type_ids for p in prompts]).to(device)
+        image_grid_thw = torch.cat([p.image_grid_thw for p in prompts]).to(device)
+        prompt_mask = torch.ones_like(input_ids)
+        positions, rope_deltas = hf_model.model.get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=prompt_mask
+        )
+        cache = DynamicCache(config=hf_model.config)
+        prefill = model(
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            mm_token_type_ids=mm_token_type_ids,
+            pixel_values=torch.cat([p.pixel_values for p in prompts]).to(device),
+            image_grid_thw=image_grid_thw,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        rows = [row for row, prompt in enumerate(batch.prompts) if id(prompt) in keys]
+        source = torch.tensor([keys.index(id(batch.prompts[row])) for row in rows], device=device)
+        cache.batch_select_indices(source)
+        # Text after the prompt advances all three rotary axes together, from the prompt's offset.
+        steps = torch.arange(length, length + width, device=device)
+        text_positions = (steps.unsqueeze(0) + rope_deltas.to(device)[source]).unsqueeze(0).expand(3, -1, -1)
+        attention_mask = torch.cat(
+            [torch.ones((len(rows), length), dtype=torch.long, device=device), mask[rows].long()], dim=1
+        )
+        continued = model(
+            input_ids=completions[rows],
+            attention_mask=attention_mask,
+            position_ids=text_positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=width,
+        )
+        # The prompt's last position predicts completion token 0; completion token j predicts j + 1.
+        logits = torch.cat([prefill.logits[source, -1:], continued.logits[:, :-1]], dim=1)
+        if temperature > 0 and temperature != 1.0:
+            logits = logits / temperature
+        logp[rows] = token_logprobs(logits, completions[rows])
+    return logp.masked_fill(~mask, 0.0), mask
+
+
 def pad_to_width(tensors: Sequence[torch.Tensor], value: float | bool = 0) -> torch.Tensor:
     """Concatenate (B_i, T_i) tensors along B, right-padding each to the widest T."""
     width = max(t.shape[1] for t in tensors)
@@ -182,11 +264,14 @@ def sequence_logprobs(
     samples: Sequence[PolicySample],
     micro_batch_size: int,
     temperature: float = 1.0,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, mask), (N, T) over all N = sum of completions, in (sample, completion) order."""
     batches = build_micro_batches(processor, samples, micro_batch_size)
     pad_token_id = pad_token(processor)
-    results = [completion_logprobs(model, batch, pad_token_id, temperature) for batch in batches]
+    results = [
+        completion_logprobs(model, batch, pad_token_id, temperature, share_prompt) for batch in batches
+    ]
     return pad_to_width([logp for logp, _ in results]), pad_to_width([mask for _, mask in results], False)
 
 

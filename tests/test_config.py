@@ -61,6 +61,7 @@ def test_fidelity_with_one_generation_is_rejected():
         ("learner.zero_stage=4", "zero_stage"),
         ("cluster.placement=everywhere", "placement"),
         ("cluster.weight_transport=nccl", "weight_transport=nccl needs whole GPUs"),
+        ("model.gradient_checkpointing=true", "share_prompt_forward needs the KV cache"),
     ],
 )
 def test_impossible_combinations_are_rejected(override, message):

@@ -80,7 +80,7 @@ def batch_totals(shards) -> tuple[int, int]:
     return len(completions), sum(len(c) for c in completions)
 
 
-def learner_config(zero_stage: int) -> LearnerConfig:
+def learner_config(zero_stage: int, model_config: ModelConfig) -> LearnerConfig:
     return LearnerConfig(
         num_workers=WORLD_SIZE,
         lr=2e-3,
@@ -88,6 +88,9 @@ def learner_config(zero_stage: int) -> LearnerConfig:
         beta=0.04,
         micro_batch_size=MICRO_BATCH_SIZE,
         zero_stage=zero_stage,
+        # The ZeRO-2 group runs the shared-prompt forward, the ZeRO-3 group (checkpointed) the plain one;
+        # both are checked against the same single-process computation.
+        share_prompt_forward=not model_config.gradient_checkpointing,
     )
 
 
@@ -98,7 +101,7 @@ def start_group(checkpoint, shards, zero_stage: int, model_config: ModelConfig) 
         PlacementConfig(num_cpus=0.5),
         model_path=checkpoint,
         model=model_config,
-        learner=learner_config(zero_stage),
+        learner=learner_config(zero_stage, model_config),
         train_batch_size=batch_totals(shards)[0],
         total_steps=10,
         timeout_s=TIMEOUT_S,

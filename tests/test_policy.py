@@ -92,12 +92,15 @@ def unbatched_logprobs(model, processor, sample: PolicySample, completion: list[
     return logp[positions, torch.tensor(completion)]
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
 @pytest.mark.parametrize(("micro_batch_size", "temperature"), [(1, 1.0), (3, 1.0), (8, 0.7)])
 def test_logprobs_equal_unbatched_per_sequence_computation(
-    model, processor, samples, micro_batch_size, temperature
+    model, processor, samples, micro_batch_size, temperature, share_prompt
 ):
+    # micro_batch_size 3 splits the second image's completions over two micro-batches; 8 puts both
+    # prompt lengths in one.
     with torch.no_grad():
-        logp, mask = sequence_logprobs(model, processor, samples, micro_batch_size, temperature)
+        logp, mask = sequence_logprobs(model, processor, samples, micro_batch_size, temperature, share_prompt)
         pairs = [(s, c) for s in samples for c in s.completions]
         assert logp.shape == mask.shape == (len(pairs), max(len(c) for _, c in pairs))
         for row, (sample, completion) in enumerate(pairs):
@@ -171,6 +174,34 @@ def test_frozen_vision_and_gradient_checkpointing_keep_the_language_gradients(
         else:
             torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-4)
     model.zero_grad(set_to_none=True)
+
+
+def test_shared_prompt_gradients_equal_the_per_sequence_forward(model, processor, samples):
+    """Each image's prompt runs once for its completions: the gradient on every weight (vision tower
+    included: this model trains it) is the per-sequence forward's, where the prompt runs G times."""
+
+    def gradients(share_prompt: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        logp, mask = sequence_logprobs(model, processor, samples, 3, share_prompt=share_prompt)
+        advantages = torch.linspace(-1.0, 1.0, logp.shape[0])
+        loss, _ = grpo_loss(logp, logp.detach() + 0.1, advantages, mask, beta=0.0)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    per_sequence, shared = gradients(False), gradients(True)
+    model.zero_grad(set_to_none=True)
+    assert set(shared) == set(per_sequence)
+    assert any(name.startswith("model.visual.") for name in shared)
+    for name, grad in shared.items():
+        torch.testing.assert_close(grad, per_sequence[name], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_refuses_gradient_checkpointing(checkpoint, processor, samples):
+    checkpointed = load_policy_model(
+        checkpoint, ModelConfig(gradient_checkpointing=True), torch.float32, trainable=True
+    )
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        sequence_logprobs(checkpointed, processor, samples, 3, share_prompt=True)
 
 
 def test_checkpoint_names_are_the_saved_tensor_names(checkpoint, model):
