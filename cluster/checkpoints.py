@@ -73,6 +73,25 @@ def commit(root: Path, step: int, state: dict, keep_last: int) -> Path:
     return final
 
 
+def set_aside_earlier_run(root: Path) -> Path | None:
+    """Move an earlier run's checkpoints out of the way of a fresh run in the same folder, into
+    <root>/previous-run (replacing the one set aside before), and return that folder; None if none.
+
+    Left in place they would mix with the new run's: a resume would pick the newest step of either run,
+    and pruning (keep_last) would delete the new run's lower-numbered checkpoints first.
+    """
+    earlier = sorted(root.glob("step-*")) + sorted(root.glob(".tmp-step-*"))
+    if not earlier:
+        return None
+    previous = root / "previous-run"
+    if previous.exists():
+        shutil.rmtree(previous)
+    previous.mkdir()
+    for folder in earlier:
+        folder.rename(previous / folder.name)
+    return previous
+
+
 def latest_valid(root: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint that passes verification, with its state; damaged ones are logged."""
     for folder in sorted(root.glob("step-*"), reverse=True):

@@ -431,6 +431,12 @@ def run(config) -> dict:
 
     env = apply_default_env()
     model_path = resolve_model_path(config.model, Path(config.data.cache_dir) / "models")
+    if Path(config.checkpoint.dir).resolve() in Path(model_path).resolve().parents:
+        # A fresh run sets that folder's checkpoints aside, and pruning would delete them.
+        raise ValueError(
+            f"model.path {model_path} is inside checkpoint.dir {config.checkpoint.dir}: "
+            "give this run another checkpoint.dir"
+        )
     train_split, eval_split, data_report = load_data(config)
     labels = {
         row["id"]: (row["mos"], row["dataset"])
@@ -457,6 +463,13 @@ def run(config) -> dict:
             forget_trained_images_after(config, start_step)
             print(f"resumed from {folder} at step {start_step}")
         else:
+            previous = checkpoints.set_aside_earlier_run(Path(config.checkpoint.dir))
+            if previous is not None:
+                print(
+                    f"{config.checkpoint.dir} held an earlier run's checkpoints: moved to {previous}; this run "
+                    "starts at step 1 (checkpoint.resume=true continues a run instead)"
+                )
+            forget_trained_images_after(config, 0)
             tracker.log_table([{"report": line} for line in data_report.lines()], "data_report.json")
         print(
             f"model {model_path} | {len(train_split)} training images, {len(eval_split)} held-out | {tracker.describe()}"

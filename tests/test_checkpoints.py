@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cluster import checkpoints
 
 
@@ -65,3 +67,38 @@ def test_resume_forgets_the_trained_images_of_steps_after_the_checkpoint(tmp_pat
     ]
     forget_trained_images_after(config, 0)
     assert read_trained_images(tmp_path) == []
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
+    """Left in place, a longer earlier run's step-7 and step-8 would be what a resume picks, and pruning
+    (keep 2) would delete the new run's step 1 the moment it is written."""
+    assert checkpoints.set_aside_earlier_run(tmp_path / "absent") is None
+    for step in (7, 8):
+        fake_checkpoint(tmp_path, step, payload=b"earlier")
+    checkpoints.staging_dir(tmp_path, 9).mkdir()  # a step the earlier run never finished
+    previous = checkpoints.set_aside_earlier_run(tmp_path)
+    assert previous == tmp_path / "previous-run"
+    assert sorted(p.name for p in previous.iterdir()) == [".tmp-step-000009", "step-000007", "step-000008"]
+    assert checkpoints.verify(previous / "step-000008") is None  # moved whole, still loadable
+    assert checkpoints.latest_valid(tmp_path) is None
+
+    fake_checkpoint(tmp_path, 1, payload=b"fresh")
+    folder, state = checkpoints.latest_valid(tmp_path)
+    assert folder.name == "step-000001" and state["step"] == 1
+
+    # The next fresh run replaces what was set aside before.
+    assert checkpoints.set_aside_earlier_run(tmp_path) == previous
+    assert sorted(p.name for p in previous.iterdir()) == ["step-000001"]
+    assert checkpoints.set_aside_earlier_run(tmp_path) is None
+
+
+def test_a_model_inside_the_checkpoint_folder_is_refused(tmp_path, tiny_overrides):
+    from cluster.train import run
+    from configs.load import load_config
+
+    model = checkpoints.step_dir(tmp_path / "checkpoints", 3)
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    config = load_config("cpu-tiny", tiny_overrides(tmp_path, 1, f"model.path={model}"))
+    with pytest.raises(ValueError, match="is inside checkpoint.dir"):
+        run(config)
