@@ -159,10 +159,7 @@ def completion_logprobs(
     first_predicting = int(prompt_lengths.min()) - 1
     kept = width - first_predicting
     logits = model(**inputs, logits_to_keep=kept, use_cache=False).logits  # (B, kept, V)
-    if temperature > 0 and temperature != 1.0:
-        # The rollout samples from softmax(logits / temperature); score that distribution (greedy, 0,
-        # has none: it is scored untempered).
-        logits = logits / temperature
+    logits = tempered(logits, temperature)
     kept_logp = token_logprobs(
         logits[:, :-1], inputs["input_ids"][:, first_predicting + 1 :]
     )  # (B, kept - 1)
@@ -246,10 +243,15 @@ def shared_prompt_logprobs(
         )
         # The prompt's last position predicts completion token 0; completion token j predicts j + 1.
         logits = torch.cat([prefill.logits[source, -1:], continued.logits[:, :-1]], dim=1)
-        if temperature > 0 and temperature != 1.0:
-            logits = logits / temperature
+        logits = tempered(logits, temperature)
         logp[rows] = token_logprobs(logits, completions[rows])
     return logp.masked_fill(~mask, 0.0), mask
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The rollout samples from softmax(logits / temperature); score that distribution (greedy, 0,
+    has none: it is scored untempered)."""
+    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
 
 
 def pad_to_width(tensors: Sequence[torch.Tensor], value: float | bool = 0) -> torch.Tensor:
