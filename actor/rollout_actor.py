@@ -28,8 +28,11 @@ class RolloutWorker:
         temperature: float | None = None,
         thinking: bool | None = None,
         seed: int | None = None,
+        digit_probs: bool = False,
     ):
-        return self.engine.generate(images, n, temperature=temperature, thinking=thinking, seed=seed)
+        return self.engine.generate(
+            images, n, temperature=temperature, thinking=thinking, seed=seed, digit_probs=digit_probs
+        )
 
     def update_weights(self, buckets: list[bytes]) -> int:
         return self.engine.update_weights(buckets)

@@ -6,7 +6,9 @@ once) and `SamplingParams(n=G)`, so images are never copied G times. Image bound
 the learner's, so vLLM's prompt token ids equal the learner's processor output.
 
 Log-probs are vLLM's "raw_logprobs": log-softmax of the model's logits before temperature, top-p/k and
-token suppression, i.e. what the learner computes from the same weights.
+token suppression, i.e. what the learner computes from the same weights. Asked for (evaluation), the
+engine also reports each completion's distribution over the ten digits where its score's leading digit
+was sampled, from vLLM's top-k log-probs at that position (`rewards.parsing.expected_scores`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from actor.weight_sync import WORKER_EXTENSION, engine_weight_transfer_config
 from configs.schema import ModelConfig, RolloutConfig
 from iqa.images import load_image
 from learner.model_factory import load_processor
-from rewards.parsing import extract_score
+from rewards.parsing import extract_score, score_digit_offset
 
 # Sampled, these desynchronise image features and placeholder tokens in the learner's forward.
 VISION_SPECIAL_TOKENS = (
@@ -35,6 +37,8 @@ VISION_SPECIAL_TOKENS = (
 )
 # End of turn, and end of text (Qwen's generation_config stops on both too).
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Top log-probs vLLM returns per position when digit distributions are asked for; digits outside count 0.
+DIGIT_TOP_K = 20
 # One merged vision token covers a 28x28 pixel patch (patch 14, spatial merge 2).
 PIXELS_PER_IMAGE_TOKEN = 28 * 28
 
@@ -50,6 +54,9 @@ class Completion:
     score: float | None  # rewards.parsing.extract_score of the text
     parse_ok: bool
     truncated: bool = False  # stopped by max_new_tokens rather than the stop token
+    # p(0..9) where the score's leading digit was sampled; only when asked for and the score has a
+    # one-digit integer part that is one token.
+    digit_probs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class RolloutEngine:
             thinking: build_prompt_text(self.processor, thinking) for thinking in (True, False)
         }
         self.stop_token_ids = [self._token_id(t) for t in STOP_TOKENS]
+        self.digit_token_ids = [self._token_id(str(digit)) for digit in range(10)]
         suppressed = {self._token_id(t) for t in VISION_SPECIAL_TOKENS}
         self.allowed_token_ids = [i for i in range(len(tokenizer)) if i not in suppressed]
         self.weight_version = 0
@@ -112,7 +120,9 @@ class RolloutEngine:
             )
         return token_id
 
-    def sampling_params(self, n: int, temperature: float | None = None, seed: int | None = None):
+    def sampling_params(
+        self, n: int, temperature: float | None = None, seed: int | None = None, top_logprobs: int = 0
+    ):
         from vllm import SamplingParams
 
         cfg = self.rollout_cfg
@@ -123,7 +133,7 @@ class RolloutEngine:
             top_k=cfg.top_k,
             max_tokens=cfg.max_new_tokens,
             seed=seed,
-            logprobs=0,
+            logprobs=top_logprobs,
             stop_token_ids=self.stop_token_ids,
             allowed_token_ids=self.allowed_token_ids if cfg.suppress_vision_tokens else None,
             skip_special_tokens=True,
@@ -137,6 +147,7 @@ class RolloutEngine:
         temperature: float | None = None,
         thinking: bool | None = None,
         seed: int | None = None,
+        digit_probs: bool = False,
     ) -> list[ImageRollout]:
         """n completions for each image, in the order of `images`.
 
@@ -146,6 +157,7 @@ class RolloutEngine:
         seed=None draws from the engine's generator (seeded once by rollout.seed, so successive calls
         differ); an int makes the call reproducible: sample k of image i uses seed + i * n + k (vLLM seeds
         the k-th child request with seed + k), so no two samples of the call share a random stream.
+        digit_probs=True fills Completion.digit_probs (top-k log-probs at every position: evaluation only).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -159,17 +171,19 @@ class RolloutEngine:
             }
             for image in images
         ]
+        top_logprobs = DIGIT_TOP_K if digit_probs else 0
         params = [
-            self.sampling_params(n, temperature, None if seed is None else seed + i * n)
+            self.sampling_params(n, temperature, None if seed is None else seed + i * n, top_logprobs)
             for i in range(len(images))
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [self._to_rollout(output) for output in outputs]
+        return [self._to_rollout(output, digit_probs) for output in outputs]
 
-    def _to_rollout(self, output) -> ImageRollout:
+    def _to_rollout(self, output, with_digit_probs: bool) -> ImageRollout:
         completions = []
         for sample in output.outputs:
             score = extract_score(sample.text)
+            parse_ok = score is not None and math.isfinite(score)
             completions.append(
                 Completion(
                     token_ids=list(sample.token_ids),
@@ -179,11 +193,44 @@ class RolloutEngine:
                         for token, step in zip(sample.token_ids, sample.logprobs, strict=True)
                     ],
                     score=score,
-                    parse_ok=score is not None and math.isfinite(score),
+                    parse_ok=parse_ok,
                     truncated=sample.finish_reason == "length",
+                    digit_probs=self._digit_probs(sample) if with_digit_probs and parse_ok else None,
                 )
             )
         return ImageRollout(prompt_token_ids=list(output.prompt_token_ids), completions=completions)
+
+    def _digit_probs(self, sample) -> tuple[float, ...] | None:
+        """p(0..9) at the token holding the score's leading digit, or None when that digit is not a token
+        of its own (or the text cannot be lined up with the tokens)."""
+        offset = score_digit_offset(sample.text)
+        if offset is None:
+            return None
+        index = self._token_starting_at(list(sample.token_ids), offset, sample.text)
+        if index is None or sample.token_ids[index] not in self.digit_token_ids:
+            return None
+        top = sample.logprobs[index]
+        return tuple(math.exp(top[t].logprob) if t in top else 0.0 for t in self.digit_token_ids)
+
+    def _token_starting_at(self, token_ids: list[int], offset: int, text: str) -> int | None:
+        """Index of the token whose decoded text starts at character `offset` of `text` (the decoded
+        completion); binary search over decoded prefixes, so long thoughts cost O(n log n) decodes."""
+
+        def decoded_length(count: int) -> int:
+            return len(self.processor.tokenizer.decode(token_ids[:count], skip_special_tokens=True))
+
+        if self.processor.tokenizer.decode(token_ids, skip_special_tokens=True) != text:
+            return None
+        low, high = 0, len(token_ids)  # find the fewest tokens whose text reaches past `offset`
+        while low < high:
+            middle = (low + high) // 2
+            if decoded_length(middle + 1) > offset:
+                high = middle
+            else:
+                low = middle + 1
+        if low >= len(token_ids) or decoded_length(low) != offset:
+            return None
+        return low
 
     def shutdown(self) -> None:
         """Stop the engine (and its engine-core process, if any) now rather than at garbage collection."""

@@ -32,8 +32,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_training_curves(history: list[dict], evaluations: dict[int, float], path: str | Path) -> Path:
-    """history: one metrics dict per step (with "step"); evaluations: step -> held-out SRCC."""
+def plot_training_curves(history: list[dict], evaluations: dict[int, dict], path: str | Path) -> Path:
+    """history: one metrics dict per step (with "step"); evaluations: step -> held-out metrics ("srcc",
+    and "srcc_expected" where measured)."""
     fig, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4 * (len(PANELS) + 1), 3.2))
     steps = [row["step"] for row in history]
     for ax, (title, keys) in zip(axes, PANELS, strict=False):
@@ -49,7 +50,11 @@ def plot_training_curves(history: list[dict], evaluations: dict[int, float], pat
             ax.legend(fontsize=7)
     eval_ax = axes[-1]
     eval_steps = sorted(evaluations)
-    eval_ax.plot(eval_steps, [evaluations[s] for s in eval_steps], marker="o")
+    for key, label in (("srcc", "sampled scores"), ("srcc_expected", "expected scores")):
+        measured = [s for s in eval_steps if key in evaluations[s]]
+        if measured:
+            eval_ax.plot(measured, [evaluations[s][key] for s in measured], marker="o", label=label)
+    eval_ax.legend(fontsize=7)
     eval_ax.set_title("held-out SRCC")
     eval_ax.set_xlabel("step")
     fig.tight_layout()

@@ -31,12 +31,13 @@ def run_eval_command(args) -> int:
     _, eval_split, _ = load_data(config)
     engine = RolloutEngine(model_path, config.model, config.rollout)
 
-    def score_images(images) -> list[list[float | None]]:
+    def score_images(images) -> list:
         rollouts = engine.generate(
             images,
             config.eval.num_samples,
             temperature=config.eval.temperature,
             thinking=config.eval.thinking,
+            digit_probs=True,
         )
         return rollout_scores(rollouts)
 

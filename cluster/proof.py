@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-METRICS = ("srcc", "plcc")
+# Reported where every run measured them: the *_expected ones need digit distributions from the scorer.
+METRICS = ("srcc", "plcc", "srcc_expected", "plcc_expected")
 # The tint check on top of cpu-default. Advantages centred but not divided by the group's std: with it
 # the loop learns the check in ~100 steps; divided, the images whose rewards differ only by the
 # fidelity reward's preference for hedged scores weigh as much as the informative ones and the G scores
@@ -62,6 +63,7 @@ def run_plan(seeds: list[int], out_root: Path) -> list[tuple[str, list[str]]]:
 def summarize(results: dict[str, dict]) -> dict:
     """Per-run before/after/change of each metric, and over the seeded (non-control) runs: the mean
     change, its standard deviation, and the standard deviation of "before" (the evaluation noise)."""
+    metrics = [m for m in METRICS if all(m in r["before"] and m in r["after"] for r in results.values())]
     rows = {
         name: {
             metric: {
@@ -69,13 +71,13 @@ def summarize(results: dict[str, dict]) -> dict:
                 "after": result["after"][metric],
                 "change": result["after"][metric] - result["before"][metric],
             }
-            for metric in METRICS
+            for metric in metrics
         }
         for name, result in results.items()
     }
     seeded = [name for name in rows if not name.startswith("control")]
-    summary: dict = {"runs": rows}
-    for metric in METRICS:
+    summary: dict = {"runs": rows, "metrics": metrics}
+    for metric in metrics:
         changes = [rows[name][metric]["change"] for name in seeded]
         befores = [rows[name][metric]["before"] for name in seeded]
         summary[metric] = {
@@ -90,18 +92,21 @@ def summarize(results: dict[str, dict]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    lines = [
-        "| run | SRCC before | SRCC after | change | PLCC before | PLCC after | change |",
-        "|---|---|---|---|---|---|---|",
+    metrics = summary["metrics"]
+    header = [
+        f"{m.upper()} {k}" if k != "change" else "change"
+        for m in metrics
+        for k in ("before", "after", "change")
     ]
+    lines = ["| run | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for name, row in summary["runs"].items():
         cells = [
             f"{row[m][k]:+.3f}" if k == "change" else f"{row[m][k]:.3f}"
-            for m in METRICS
+            for m in metrics
             for k in ("before", "after", "change")
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for metric in METRICS:
+    for metric in metrics:
         s = summary[metric]
         lines.append(
             f"\n{metric.upper()}: mean change over seeds {s['mean_change']:+.3f} (sd {s['sd_change']:.3f}); "

@@ -198,9 +198,18 @@ def load_data(config):
     return train_splits["train"], eval_split, train_report.merge(eval_report)
 
 
-def rollout_scores(rollouts) -> list[list[float | None]]:
-    """Per image, the parsed score of each sample (None where it did not parse)."""
-    return [[c.score if c.parse_ok else None for c in rollout.completions] for rollout in rollouts]
+def rollout_scores(rollouts) -> list:
+    """Per image (iqa.evaluate.ImageSamples), each sample's parsed score (None where it did not parse)
+    and its leading digit's distribution where the engine reported one."""
+    from iqa.evaluate import ImageSamples
+
+    return [
+        ImageSamples(
+            [c.score if c.parse_ok else None for c in rollout.completions],
+            [c.digit_probs for c in rollout.completions],
+        )
+        for rollout in rollouts
+    ]
 
 
 def read_images(paths: list[str]) -> list[bytes]:
@@ -331,7 +340,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
     """Score the held-out split through the rollout workers (the current policy) and log the metrics;
     returns the metrics over all its images (srcc, plcc, ..., parse_failure_rate)."""
 
-    def score_images(images) -> list[list[float | None]]:
+    def score_images(images) -> list:
         shards = shard(list(images), len(system.rollout_workers))
         refs = [
             worker.generate.remote(
@@ -339,6 +348,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
                 config.eval.num_samples,
                 temperature=config.eval.temperature,
                 thinking=config.eval.thinking,
+                digit_probs=True,
             )
             for worker, part in zip(system.rollout_workers, shards, strict=True)
             if part
@@ -354,7 +364,8 @@ def evaluate_split(
     config, eval_split, score_images, out_dir: Path, mlflow_run, prefix: str, step: int
 ) -> dict:
     """run_evaluation with the config's decoding; returns the metrics over all images (srcc, plcc, ...,
-    parse_failure_rate). The files and per-dataset metrics go to out_dir and the MLflow run."""
+    parse_failure_rate, and srcc_expected, plcc_expected when the scorer read digit distributions). The
+    files and per-dataset metrics go to out_dir and the MLflow run."""
     from iqa.evaluate import run_evaluation
 
     report = run_evaluation(
@@ -371,7 +382,12 @@ def evaluate_split(
         prefix=prefix,
         step=step,
     )
-    return {**report["overall"], "parse_failure_rate": report["sample_parse_failure_rate"]}
+    expected = report.get("expected_score", {}).get("overall", {})
+    return {
+        **report["overall"],
+        "parse_failure_rate": report["sample_parse_failure_rate"],
+        **{f"{key}_expected": expected[key] for key in ("srcc", "plcc") if key in expected},
+    }
 
 
 def sample_rows(step: int, ids: list[str], rollouts: list, rewards, limit: int = 4) -> list[dict]:
@@ -475,10 +491,10 @@ def run(config) -> dict:
             f"model {model_path} | {len(train_split)} training images, {len(eval_split)} held-out | {tracker.describe()}"
         )
 
-        history, srcc_at = [], {}
+        history, evaluations = [], {}
         before = None if resume else evaluate(system, config, eval_split, tracker, "before", 0)
         if before:
-            srcc_at[0] = before["srcc"]
+            evaluations[0] = before
         # Steps are numbered from 1, as in the console, the errors, MLflow and the checkpoints.
         for step in range(start_step + 1, config.train.steps + 1):
             batch = [train_split[int(i)] for i in sampler.next_batch()]
@@ -486,7 +502,7 @@ def run(config) -> dict:
             history.append({"step": step, **metrics})
             print(step_line(step, config.train.steps, metrics), flush=True)
             if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
-                srcc_at[step] = evaluate(system, config, eval_split, tracker, f"step{step}", step)["srcc"]
+                evaluations[step] = evaluate(system, config, eval_split, tracker, f"step{step}", step)
             if config.checkpoint.every and step % config.checkpoint.every == 0:
                 save_checkpoint(system, config, step, sampler, tracker)
 
@@ -494,8 +510,10 @@ def run(config) -> dict:
         if not final.is_dir():
             final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
         after = evaluate(system, config, eval_split, tracker, "after", config.train.steps)
-        srcc_at[config.train.steps] = after["srcc"]
-        curves = plot_training_curves(history, srcc_at, Path(config.train.output_dir) / "training_curves.png")
+        evaluations[config.train.steps] = after
+        curves = plot_training_curves(
+            history, evaluations, Path(config.train.output_dir) / "training_curves.png"
+        )
         tracker.log_artifact(curves)
         print_summary(before, after, final, tracker)
         print(f"training curves: {curves}")
@@ -610,12 +628,15 @@ def read_trained_images(output_dir: str | Path) -> list[dict]:
 
 
 def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -> None:
-    keys = ["srcc", "plcc", "krcc", "rmse", "parse_failure_rate"]
+    keys = ["srcc", "plcc", "krcc", "rmse", "parse_failure_rate", "srcc_expected", "plcc_expected"]
     print("\nheld-out evaluation      before      after")
     for key in keys:
         old = f"{before[key]:.3f}" if before and key in before else "   -"
         new = f"{after[key]:.3f}" if key in after else "   -"
         print(f"  {key:<22}{old:>8}{new:>11}")
+    print(
+        "  (*_expected: the mean of each sample's expected score, its leading digit's sampling noise removed)"
+    )
     print(f"policy checkpoint (Hugging Face format): {checkpoint}\n{tracker.describe()}")
 
 

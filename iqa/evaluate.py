@@ -1,7 +1,10 @@
 """Score a dataset split with any `score_images` callable and report IQA metrics, files and MLflow entries.
 
 `score_images(images) -> scores`: for each PIL image, the n sampled scores, None where a completion had
-no parsable score (the caller, e.g. the vLLM scorer, owns sampling and parsing). Per image the mean of
+no parsable score (the caller, e.g. the vLLM scorer, owns sampling and parsing), as a list or as
+`ImageSamples`, which may also carry each sample's distribution over its score's leading digit: then
+the report adds the same metrics for the expected scores (`rewards.parsing.expected_scores`), the
+policy's mean score per image read without the digit's sampling noise. Per image the mean of
 the parsed scores is the prediction and their sample standard deviation the spread; scores outside
 `score_range` are kept (published), clipped or dropped by `out_of_range_policy`, the reward's own rule
 (one "4058" from a tiny model that lost its decimal point would otherwise decide its image's rank and
@@ -20,7 +23,8 @@ import csv
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,45 @@ from tqdm import tqdm
 from iqa.images import load_image
 from iqa.metrics import evaluate_scores
 from iqa.plots import Panel, scatter_plot
-from rewards.parsing import OutOfRangePolicy, apply_score_range
+from rewards.parsing import OutOfRangePolicy, apply_score_range, expected_scores
 
-ScoreImages = Callable[[list[Image.Image]], list[list[float | None]]]
+
+@dataclass(frozen=True)
+class ImageSamples:
+    scores: list[float | None]  # each sample's parsed score, None where none parsed
+    # Each sample's p(leading digit = 0..9), None where the scorer could not read it.
+    digit_probs: Sequence[Sequence[float] | None] | None = None
+
+
+ScoreImages = Callable[[list[Image.Image]], list[list[float | None] | ImageSamples]]
 MIN_IMAGES = 3  # correlations over fewer images are meaningless
+
+
+def _as_samples(result) -> ImageSamples:
+    return result if isinstance(result, ImageSamples) else ImageSamples(list(result))
+
+
+def _expected_prediction(
+    samples: ImageSamples, score_range: tuple[float, float], out_of_range: OutOfRangePolicy
+) -> tuple[float, int]:
+    """(mean expected score, samples that had a digit distribution) of one image: a sample without one
+    counts with its sampled score (range rule applied); no usable sample gives the midpoint."""
+    probs = samples.digit_probs or [None] * len(samples.scores)
+    values, read = [], 0
+    for score, digits in zip(samples.scores, probs, strict=True):
+        if score is None:
+            continue
+        if digits is not None:
+            value = float(
+                expected_scores(np.array([score]), np.array([digits]), out_of_range, score_range)[0]
+            )
+            read += 1
+        else:
+            ranged, ok = apply_score_range(np.array([float(score)]), out_of_range, score_range)
+            value = float(ranged[0]) if ok[0] else math.nan
+        if math.isfinite(value):
+            values.append(value)
+    return (float(np.mean(values)) if values else (score_range[0] + score_range[1]) / 2), read
 
 
 def _summarise(
@@ -79,6 +118,8 @@ def _log_to_mlflow(mlflow_run, prefix: str, report: dict, files: list[Path], ste
     }
     metrics = [Metric(_metric_key(prefix, k), float(v), 0, step or 0) for k, v in values.items()]
     groups = {"": report["overall"], **({} if len(report["per_dataset"]) == 1 else report["per_dataset"])}
+    if "expected_score" in report:
+        groups["expected"] = report["expected_score"]["overall"]
     for group, result in groups.items():
         for key, value in result.items():
             if isinstance(value, int | float) and math.isfinite(value):
@@ -129,15 +170,21 @@ def run_evaluation(
             scores = score_images([load_image(p) for p in chunk])
             if len(scores) != len(chunk):
                 raise ValueError(f"score_images returned {len(scores)} score lists for {len(chunk)} images")
+            scores = [_as_samples(result) for result in scores]
             for path, samples in zip(chunk, scores, strict=True):
-                if len(samples) != num_samples:
+                if len(samples.scores) != num_samples:
                     raise ValueError(
-                        f"score_images gave {len(samples)} samples for {path}, expected {num_samples}"
+                        f"score_images gave {len(samples.scores)} samples for {path}, expected {num_samples}"
+                    )
+                if samples.digit_probs is not None and len(samples.digit_probs) != num_samples:
+                    raise ValueError(
+                        f"score_images gave {len(samples.digit_probs)} digit distributions for {path}, "
+                        f"expected {num_samples}"
                     )
             all_samples.extend(scores)
             bar.update(len(chunk))
 
-    summaries = [_summarise(s, score_range, out_of_range_policy) for s in all_samples]
+    summaries = [_summarise(s.scores, score_range, out_of_range_policy) for s in all_samples]
     pred = np.array([s[0] for s in summaries])
     failed = np.array([s[3] for s in summaries])
     mos = np.asarray(dataset["mos"], dtype=np.float64)
@@ -147,7 +194,7 @@ def run_evaluation(
     out_of_range = sum(
         1
         for samples in all_samples
-        for v in samples
+        for v in samples.scores
         if v is not None and math.isfinite(v) and not score_range[0] <= v <= score_range[1]
     )
 
@@ -160,6 +207,9 @@ def run_evaluation(
         per_dataset[name] = evaluate_scores(pred[rows], mos[rows], bootstrap=bootstrap, seed=seed)
         panels.append(Panel(name, pred[rows], mos[rows], per_dataset[name], failed[rows]))
     overall = evaluate_scores(pred, mos, bootstrap=bootstrap, seed=seed)
+    with_digits = any(s.digit_probs is not None for s in all_samples)
+    expected = [_expected_prediction(s, score_range, out_of_range_policy) for s in all_samples]
+    pred_expected = np.array([e[0] for e in expected])
     total_samples = len(all_samples) * num_samples
     report = {
         "prefix": prefix,
@@ -181,16 +231,23 @@ def run_evaluation(
         "overall": overall,
         "per_dataset": per_dataset,
     }
+    if with_digits:
+        report["expected_score"] = {
+            "samples_with_digit_probs": sum(e[1] for e in expected),
+            "overall": evaluate_scores(pred_expected, mos, bootstrap=bootstrap, seed=seed),
+        }
 
     csv_path = out_dir / f"{prefix}_predictions.csv"
     with open(csv_path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(
             ["id", "dataset", "image", "mos", "pred_mean", "pred_std", "n_parsed", "all_failed", "samples"]
+            + (["pred_expected"] if with_digits else [])
         )
-        for row in zip(ids, names, paths, mos, summaries, all_samples, strict=True):
-            *columns, summary, samples = row
-            writer.writerow([*columns, *summary, json.dumps(_json_safe(list(samples)))])
+        for row in zip(ids, names, paths, mos, summaries, all_samples, pred_expected, strict=True):
+            *columns, summary, samples, expected_value = row
+            extra = [expected_value] if with_digits else []
+            writer.writerow([*columns, *summary, json.dumps(_json_safe(list(samples.scores))), *extra])
     json_path = out_dir / f"{prefix}_metrics.json"
     json_path.write_text(json.dumps(_json_safe(report), indent=2))
     if not panels:

@@ -3,6 +3,10 @@
 - score: the LAST `<answer>...</answer>` (dot matches newline), else the whole completion; then the
   first number `-?\\d+(\\.\\d+)?` in it.
 - format: 1 when the whole completion is `<think>...</think>` then `<answer>...</answer>`.
+
+Also the expected score of a sampled completion (evaluation only): its score with the leading digit
+replaced by the model's expectation over the ten digits at that position, a lower-variance reading of
+the same policy (see `expected_scores`).
 """
 
 from __future__ import annotations
@@ -84,6 +88,49 @@ def parse_scores(
     else:
         raise ValueError(f"on_failure must be 'random' or 'exclude', got {on_failure!r}")
     return ParsedScores(scores=scores, ok=ok)
+
+
+def score_digit_offset(completion: str) -> int | None:
+    """Character offset of the leading digit of the score `extract_score` reads, when that score has a
+    one-digit integer part ("3", "3.45"); None when there is no such score ("-2", "10", "4058", none)."""
+    answers = list(ANSWER_RE.finditer(completion))
+    region_start, region = (answers[-1].start(1), answers[-1].group(1)) if answers else (0, completion)
+    match = NUMBER_RE.search(region)
+    if match is None or len(match.group(0).split(".")[0]) != 1:  # "-2" and "10" fail here too
+        return None
+    return region_start + match.start()
+
+
+def expected_scores(
+    scores: np.ndarray,
+    digit_probs: np.ndarray,
+    out_of_range: OutOfRangePolicy = "keep",
+    score_range: tuple[float, float] = (1.0, 5.0),
+) -> np.ndarray:
+    """Rao-Blackwellised scores: sum_d p_d v(d + f) / sum_d p_d over the leading digit d = 0..9.
+
+    scores (N,): sampled scores with a one-digit integer part; digit_probs (N, 10): the model's
+    probabilities of the digits 0..9 at the leading digit's position (the engine's top-k, so digits
+    outside it count 0); f = the sampled score's fractional part; v applies the out-of-range policy
+    (keep: identity; clip: into score_range; fail: digits whose value falls outside get weight 0).
+    For whole-number scores this is exactly E[score | the sampled thought], the quantity the mean of
+    sampled scores estimates, without the digit's sampling noise. NaN where no weight is left.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    probs = np.asarray(digit_probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (scores.shape[0], 10):
+        raise ValueError(f"digit_probs must be (N, 10) for N = {scores.shape[0]} scores, got {probs.shape}")
+    values = np.arange(10.0) + (scores - np.floor(scores))[:, None]
+    low, high = score_range
+    if out_of_range == "clip":
+        values = np.clip(values, low, high)
+    elif out_of_range == "fail":
+        probs = np.where((values >= low) & (values <= high), probs, 0.0)
+    elif out_of_range != "keep":
+        raise ValueError(f"out_of_range must be 'keep', 'clip' or 'fail', got {out_of_range!r}")
+    total = probs.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (probs * values).sum(axis=1) / total, np.nan)
 
 
 def format_reward(completions: Sequence[str]) -> np.ndarray:

@@ -21,7 +21,8 @@ def test_training_curves_png_has_a_panel_per_metric_group_and_held_out_srcc(tmp_
         {"step": s, "reward/total_mean": 1.0 + s / 10, "score/batch_srcc": float("nan") if s == 2 else s / 10}
         for s in range(1, 6)
     ]
-    path = plot_training_curves(history, {0: 0.0, 5: 0.4}, tmp_path / "curves" / "training_curves.png")
+    evaluations = {0: {"srcc": 0.0, "srcc_expected": 0.1}, 5: {"srcc": 0.4, "srcc_expected": 0.5}}
+    path = plot_training_curves(history, evaluations, tmp_path / "curves" / "training_curves.png")
     with Image.open(path) as image:
         width, height = image.size
     assert path.is_file() and width > height * (len(PANELS) + 1) / 2

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs.schema import DataConfig, DatasetSpec  # noqa: E402
-from iqa.evaluate import run_evaluation  # noqa: E402
+from iqa.evaluate import ImageSamples, run_evaluation  # noqa: E402
 from iqa.formats import load_dataset_spec  # noqa: E402
 from iqa.metrics import evaluate_scores  # noqa: E402
 
@@ -163,3 +163,62 @@ def test_out_of_range_samples_follow_the_rewards_policy(
     assert all(json.loads(r["samples"]) == [2.0, 4058.0] for r in rows)  # the raw samples are kept
     assert report["samples_out_of_range"] == len(rows)
     assert report["out_of_range_rule"] == policy
+
+
+def test_digit_distributions_add_the_expected_score_metrics(tmp_path, dataset):
+    """Sampled digits are pure noise here, while each image's digit distribution has the MOS-ordered mean:
+    the expected scores rank the images, the sampled ones do not."""
+    mos = np.asarray(dataset["mos"], dtype=np.float64)
+    rank = {image_id: r for r, image_id in enumerate(np.array(dataset["id"])[np.argsort(mos)])}
+    ids_by_path = dict(zip(dataset["image"], dataset["id"], strict=True))
+    rng = np.random.default_rng(0)
+    paths = iter(dataset["image"])
+
+    def score_images(images):
+        out = []
+        for _ in images:
+            mean = 1.5 + 3.0 * rank[ids_by_path[next(paths)]] / len(rank)  # in [1.5, 4.5)
+            probs = np.zeros(10)
+            low = int(mean)
+            probs[low], probs[low + 1] = low + 1 - mean, mean - low  # E[digit] = mean
+            scores = [float(rng.integers(1, 6)), float(rng.integers(1, 6)), None]
+            out.append(ImageSamples(scores, [tuple(probs), None, None]))
+        return out
+
+    report = run_evaluation(
+        dataset,
+        score_images,
+        tmp_path,
+        num_samples=3,
+        temperature=1.0,
+        thinking=True,
+        bootstrap=0,
+        out_of_range_policy="clip",
+    )
+    expected = report["expected_score"]
+    assert expected["samples_with_digit_probs"] == len(dataset)
+    assert abs(report["overall"]["srcc"]) < 0.5
+    # Each image's second sample has no distribution and counts with its sampled score: a 50/50 mix.
+    assert 0.5 < expected["overall"]["srcc"] < 1.0
+    with open(tmp_path / "eval_predictions.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    first = rows[0]
+    sampled = json.loads(first["samples"])
+    assert float(first["pred_expected"]) == pytest.approx(
+        (1.5 + 3.0 * rank[first["id"]] / len(rank) + sampled[1]) / 2
+    )
+
+
+def test_without_digit_distributions_the_report_has_no_expected_scores(tmp_path, dataset):
+    report = run_evaluation(
+        dataset,
+        sharpness_scorer(),
+        tmp_path,
+        num_samples=SAMPLES,
+        temperature=1.0,
+        thinking=True,
+        bootstrap=0,
+    )
+    assert "expected_score" not in report
+    with open(tmp_path / "eval_predictions.csv") as stream:
+        assert "pred_expected" not in csv.DictReader(stream).fieldnames

@@ -47,3 +47,16 @@ def test_plan_runs_each_seed_then_the_permuted_label_control_in_its_own_folder()
     assert "train.seed=4" in plan["seed-4"] and "reward.permute_labels=true" not in plan["seed-4"]
     assert "reward.permute_labels=true" in plan["control-seed-3"] and "train.seed=3" in plan["control-seed-3"]
     assert "train.output_dir=/o/control-seed-3" in plan["control-seed-3"]
+
+
+def test_expected_score_metrics_are_reported_only_where_every_run_has_them():
+    with_expected = {
+        "before": {"srcc": 0.0, "plcc": 0.0, "srcc_expected": 0.01, "plcc_expected": 0.02},
+        "after": {"srcc": 0.2, "plcc": 0.1, "srcc_expected": 0.41, "plcc_expected": 0.32},
+    }
+    both = summarize({"seed-0": with_expected, "seed-1": with_expected})
+    assert both["metrics"] == ["srcc", "plcc", "srcc_expected", "plcc_expected"]
+    assert both["srcc_expected"]["mean_change"] == pytest.approx(0.40)
+    assert "SRCC_EXPECTED before" in format_table(both)
+    mixed = summarize({"seed-0": with_expected, "seed-1": result(0.0, 0.1)})
+    assert mixed["metrics"] == ["srcc", "plcc"] and "srcc_expected" not in mixed

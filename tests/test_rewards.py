@@ -8,7 +8,14 @@ import pytest
 from configs.schema import RewardConfig
 from rewards.batch import batch_rewards
 from rewards.fidelity import comparison_groups, fidelity_reward, total_reward
-from rewards.parsing import apply_score_range, extract_score, format_reward, parse_scores
+from rewards.parsing import (
+    apply_score_range,
+    expected_scores,
+    extract_score,
+    format_reward,
+    parse_scores,
+    score_digit_offset,
+)
 
 EPS = 1e-6
 
@@ -247,3 +254,76 @@ def test_batch_srcc_leaves_out_parse_failures_small_groups_and_ties():
     assert math.isnan(all_tied.batch_srcc())
     nothing_parsed = batch_rewards([_answers([None])] * 4, mos, ["k"] * 4, config)
     assert math.isnan(nothing_parsed.batch_srcc())
+
+
+@pytest.mark.parametrize(
+    "text, digit",
+    [
+        ("<think>x</think> <answer>3</answer>", "3"),
+        ("<think>4 is high</think> <answer>score 2.75</answer>", "2"),
+        ("<answer>1</answer> then <answer>4.5</answer>", "4"),  # the last answer, as extract_score
+        ("no tags, 3.5 here", "3"),
+    ],
+)
+def test_score_digit_offset_points_at_the_parsed_scores_leading_digit(text, digit):
+    offset = score_digit_offset(text)
+    assert offset is not None and text[offset] == digit
+    assert float(text[offset:].split("<")[0].split()[0]) == extract_score(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["<answer>-2</answer>", "<answer>10</answer>", "<answer>4058</answer>", "<answer>none</answer>", ""],
+)
+def test_score_digit_offset_is_none_without_a_one_digit_integer_part(text):
+    assert score_digit_offset(text) is None
+
+
+def reference_expected_score(score, probs, out_of_range, score_range):
+    """Plain loop over the ten digits, written from the formula."""
+    low, high = score_range
+    fraction = score - math.floor(score)
+    weighted, total = 0.0, 0.0
+    for digit, p in enumerate(probs):
+        value = digit + fraction
+        if out_of_range == "clip":
+            value = min(max(value, low), high)
+        if out_of_range == "fail" and not low <= value <= high:
+            continue
+        weighted += p * value
+        total += p
+    return weighted / total if total > 0 else math.nan
+
+
+@pytest.mark.parametrize("out_of_range", ["keep", "clip", "fail"])
+def test_expected_scores_match_the_formula(out_of_range):
+    rng = np.random.default_rng(0)
+    scores = np.array([3.0, 2.75, 4.5, 1.0, 0.5, 5.0])
+    probs = rng.dirichlet(np.ones(10), size=len(scores))
+    probs[0, [0, 6, 7, 8, 9]] = 0.0  # rows need not sum to 1: the engine reports the top-k only
+    got = expected_scores(scores, probs, out_of_range, (1.0, 5.0))
+    want = [
+        reference_expected_score(s, p, out_of_range, (1.0, 5.0)) for s, p in zip(scores, probs, strict=True)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_expected_score_of_a_whole_number_is_the_digits_mean():
+    probs = np.zeros((1, 10))
+    probs[0, [2, 4]] = [0.25, 0.75]
+    assert expected_scores(np.array([4.0]), probs)[0] == pytest.approx(3.5)
+    # A certain digit gives the sampled score back.
+    certain = np.eye(10)[[3]]
+    assert expected_scores(np.array([3.0]), certain, "clip")[0] == 3.0
+
+
+def test_expected_score_is_nan_when_no_digit_weight_is_left():
+    probs = np.zeros((2, 10))
+    probs[0, 8] = 1.0  # only an out-of-range digit, which "fail" drops
+    got = expected_scores(np.array([8.0, 3.0]), probs, "fail", (1.0, 5.0))
+    assert np.isnan(got).all()
+
+
+def test_expected_scores_reject_a_wrong_shape():
+    with pytest.raises(ValueError, match="digit_probs must be"):
+        expected_scores(np.array([3.0]), np.ones((1, 5)))

@@ -15,12 +15,12 @@ from cluster.runtime_env import apply_default_env
 
 apply_default_env()
 
-from actor.rollout_engine import VISION_SPECIAL_TOKENS, RolloutEngine  # noqa: E402
+from actor.rollout_engine import DIGIT_TOP_K, VISION_SPECIAL_TOKENS, RolloutEngine  # noqa: E402
 from actor.weight_sync import serialize_buckets  # noqa: E402
 from configs.schema import ModelConfig, RolloutConfig  # noqa: E402
 from learner.grpo import token_logprobs  # noqa: E402
 from learner.model_factory import build_checkpoint  # noqa: E402
-from rewards.parsing import extract_score  # noqa: E402
+from rewards.parsing import extract_score, score_digit_offset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +152,56 @@ def test_group_sampling_counts_grouping_and_parse_flags(engine):
     # The same seed reproduces the samples.
     again = engine.generate(images[:1], 8, temperature=1.0, seed=123)
     assert [c.token_ids for c in again[0].completions] == [c.token_ids for c in rollouts[0].completions]
+
+
+def test_digit_probs_are_the_models_distribution_at_the_scores_leading_digit(engine, hf_model):
+    images = [noise_image(20), noise_image(21)]
+    rollouts = engine.generate(images, 16, temperature=1.0, seed=7, digit_probs=True)
+    read = 0
+    for image, rollout in zip(images, rollouts, strict=True):
+        for completion in rollout.completions:
+            offset = score_digit_offset(completion.text) if completion.parse_ok else None
+            if completion.digit_probs is None:
+                continue
+            read += 1
+            index = engine._token_starting_at(completion.token_ids, offset, completion.text)
+            tokenizer = engine.processor.tokenizer
+            assert (
+                tokenizer.decode(completion.token_ids[:index], skip_special_tokens=True)
+                == completion.text[:offset]
+            )
+            digit = int(completion.text[offset])
+            assert completion.token_ids[index] == engine.digit_token_ids[digit]
+            # The sampled digit's probability is the one the engine logged for that token...
+            assert completion.digit_probs[digit] == pytest.approx(
+                np.exp(completion.logprobs[index]), rel=1e-6
+            )
+            # ...and every digit in vLLM's top-k has the probability transformers gives it there.
+            probs = hf_next_token_probs(engine, hf_model, image, completion.token_ids[:index])
+            hf_digits = probs[engine.digit_token_ids].numpy()
+            reported = np.array(completion.digit_probs)
+            np.testing.assert_allclose(reported[reported > 0], hf_digits[reported > 0], rtol=1e-4, atol=1e-7)
+            kth = np.sort(probs.numpy())[-DIGIT_TOP_K]
+            assert (hf_digits[reported == 0] <= kth * (1 + 1e-4)).all()  # missing ones were outside the top-k
+    assert read >= 3  # the random model writes a lone digit in about a third of its completions
+
+
+def hf_next_token_probs(engine: RolloutEngine, model, image: Image.Image, prefix: list[int]) -> torch.Tensor:
+    """p(next token | prompt + prefix) over the vocabulary, from transformers."""
+    inputs = hf_inputs(engine, image)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
+    token_types = torch.cat(
+        [inputs["mm_token_type_ids"], torch.zeros(1, len(prefix), dtype=torch.long)], dim=1
+    )
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=token_types,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+        ).logits
+    return torch.softmax(logits[0, -1].double(), dim=-1)
 
 
 def test_vision_tokens_are_never_sampled(engine, hf_model):
