@@ -24,10 +24,10 @@ def run_eval_command(args) -> int:
     from cluster.tracking import Tracker
     from cluster.train import evaluate_split, load_data, rollout_scores
     from configs.load import load_config
-    from learner.model_factory import resolve_model_path
+    from learner.model_factory import resolve_start_model
 
     config = load_config(args.config, args.overrides)
-    model_path = resolve_model_path(config.model, Path(config.data.cache_dir) / "models")
+    model_path = resolve_start_model(config)
     _, eval_split, _ = load_data(config)
     engine = RolloutEngine(model_path, config.model, config.rollout)
 

@@ -443,10 +443,10 @@ def run(config) -> dict:
     from cluster.batches import DatasetBatchSampler, SamplerState
     from cluster.curves import plot_training_curves
     from cluster.tracking import Tracker
-    from learner.model_factory import load_processor, resolve_model_path
+    from learner.model_factory import load_processor, resolve_start_model
 
     env = apply_default_env()
-    model_path = resolve_model_path(config.model, Path(config.data.cache_dir) / "models")
+    model_path = resolve_start_model(config)
     if Path(config.checkpoint.dir).resolve() in Path(model_path).resolve().parents:
         # A fresh run sets that folder's checkpoints aside, and pruning would delete them.
         raise ValueError(

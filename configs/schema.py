@@ -17,6 +17,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ColdStartConfig(Section):
+    # The format cold start (learner.base_model) re-run on top of the starting checkpoint before
+    # training, on the run's built-in training references, cached: random scores, independent of the
+    # image, as `score_decimals`-decimal numbers (0: one token, what a tiny model needs to learn).
+    steps: int = Field(150, ge=1)
+    score_decimals: int = Field(0, ge=0, le=3)
+
+
 class ModelConfig(Section):
     # A local Hugging Face folder (Qwen2.5-VL / Qwen2-VL). When null, the checkpoint is built
     # locally from `preset` (random weights) or is the project's shipped base model.
@@ -30,6 +38,7 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
+    cold_start: ColdStartConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

@@ -478,6 +478,26 @@ def cold_start_checkpoint(
     return build_cached(cache_dir / f"cold-start-{recipe.preset}-{key}", write)
 
 
+def cold_start_for_run(config, start: Path, cache_dir: str | Path) -> Path:
+    """config.model.cold_start on top of `start`, on the training references of the run's built-in
+    benchmark (its size, families and split), cached under the recipe and the start's weights. The
+    recipe's own seed, not the run's: every seed of a proof starts from the same policy."""
+    data, model = config.data, config.model
+    recipe = replace(
+        BaseModelRecipe(),
+        preset=model.preset or BaseModelRecipe.preset,
+        min_pixels=model.min_pixels,
+        max_pixels=model.max_pixels,
+        image_size=data.builtin_size,
+        families=tuple(data.builtin_families),
+        split_ratios=tuple(data.split_ratios),
+        split_seed=data.split_seed,
+        cold_start_steps=model.cold_start.steps,
+        cold_start_score_decimals=model.cold_start.score_decimals,
+    )
+    return cold_start_checkpoint(recipe, cache_dir, start)
+
+
 # ---------------------------------------------------------------- measurements
 
 

@@ -356,6 +356,18 @@ def resolve_model_path(model: ModelConfig, cache_dir: str | Path = DEFAULT_CACHE
     return build_checkpoint(model.preset, cache_dir, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
 
 
+def resolve_start_model(config) -> Path:
+    """The checkpoint training starts from: resolve_model_path, then, with model.cold_start set, the
+    format cold start re-run on top of it (built on first use, cached under data.cache_dir/models)."""
+    cache_dir = Path(config.data.cache_dir) / "models"
+    path = resolve_model_path(config.model, cache_dir)
+    if config.model.cold_start is None:
+        return path
+    from learner.base_model import cold_start_for_run
+
+    return cold_start_for_run(config, path, cache_dir)
+
+
 def load_processor(path: str | Path, min_pixels: int, max_pixels: int):
     """The checkpoint's processor with the run's image bounds (the same ones vLLM is given)."""
     from transformers import AutoProcessor

@@ -138,6 +138,33 @@ def test_cold_start_from_a_given_checkpoint_is_keyed_by_its_weights_and_records_
     assert cold_start_checkpoint(recipe, tmp_path, start=other_start) != path
 
 
+def test_a_runs_cold_start_step_uses_its_benchmark_and_is_cached(tmp_path):
+    from configs.load import load_config
+    from learner.model_factory import resolve_start_model
+
+    start = build_checkpoint("tiny", tmp_path / "init", seed=0)
+    overrides = [
+        f"model.path={start}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.builtin_families=[blur,noise]",
+        "data.builtin_size=56",
+    ]
+    plain = load_config("cpu-default", overrides)
+    assert resolve_start_model(plain) == start  # no cold_start: the checkpoint as given
+    config = load_config(
+        "cpu-default", [*overrides, "model.cold_start={steps: 2, score_decimals: 0}", "train.seed=5"]
+    )
+    path = resolve_start_model(config)
+    assert path.parent == tmp_path / "cache" / "models" and path != start
+    recipe = json.loads((path / "vqr1_recipe.json").read_text())["recipe"]
+    assert recipe["cold_start_steps"] == 2 and recipe["cold_start_score_decimals"] == 0
+    assert recipe["families"] == ["blur", "noise"] and recipe["image_size"] == 56
+    assert recipe["seed"] == BaseModelRecipe.seed  # every seed of a run starts from the same policy
+    # Built once: another seed of the same run reuses it.
+    again = load_config("cpu-default", [*overrides, "model.cold_start={steps: 2, score_decimals: 0}"])
+    assert resolve_start_model(again) == path
+
+
 @pytest.mark.slow
 def test_cold_start_reaches_format_target_on_tiny_preset(tmp_path):
     # A short perception stage keeps the test to minutes; the 2-layer tiny LM needs twice the default
