@@ -37,13 +37,13 @@ bench: setup
 train: setup
 	$(PY) -m cluster.train --config $(PRESET) $(ARGS)
 
-# The learning control (issue 8): the same run with the MOS labels permuted within each dataset in the
-# reward; held-out SRCC must not gain beyond evaluation noise.
+# The learning control (issue 8): make proof's run with the MOS labels permuted within each dataset in
+# the reward; held-out SRCC must not gain beyond evaluation noise (~35 min).
 ablation: setup
-	$(PY) -m cluster.train --config $(PRESET) reward.permute_labels=true tracking.run_name=$(PRESET)-control \
-		train.output_dir=outputs/$(PRESET)-control checkpoint.dir=outputs/$(PRESET)-control/checkpoints $(ARGS)
+	$(PY) -m cluster.proof --config $(PRESET) --control-only $(ARGS)
 
-# The learning proof: the preset with seeds 0, 1, 2 and the control; a before/after table (~24 min).
+# The learning proof: cluster.proof.BENCHMARK on the preset with seeds 0, 1, 2 and the control; a
+# before/after table (4 runs of ~35 min on 2 cores).
 proof: setup
 	$(PY) -m cluster.proof --config $(PRESET) $(ARGS)
 

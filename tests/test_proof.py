@@ -60,3 +60,17 @@ def test_expected_score_metrics_are_reported_only_where_every_run_has_them():
     assert "SRCC_EXPECTED before" in format_table(both)
     mixed = summarize({"seed-0": with_expected, "seed-1": result(0.0, 0.1)})
     assert mixed["metrics"] == ["srcc", "plcc"] and "srcc_expected" not in mixed
+
+
+def test_control_only_plan_is_the_permuted_label_run_alone():
+    plan = dict(run_plan([3, 4], Path("/o"), control_only=True))
+    assert list(plan) == ["control-seed-3"] and "reward.permute_labels=true" in plan["control-seed-3"]
+
+
+def test_benchmark_settings_make_a_valid_config_with_the_whole_number_cold_start_step():
+    from cluster.proof import BENCHMARK
+    from configs.load import load_config
+
+    config = load_config("cpu-default", BENCHMARK)
+    assert config.model.cold_start.score_decimals == 0
+    assert config.learner.advantage == "mean_only" and config.reward.on_parse_failure == "exclude"
