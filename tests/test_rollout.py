@@ -73,26 +73,31 @@ def hf_greedy(engine: RolloutEngine, model, image: Image.Image) -> list[int]:
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def hf_completion_logprobs(
-    engine: RolloutEngine, model, image: Image.Image, completion: list[int]
-) -> torch.Tensor:
-    """log p(completion token | prefix) from one transformers forward over prompt + completion."""
+def hf_logits(engine: RolloutEngine, model, image: Image.Image, completion: list[int]) -> torch.Tensor:
+    """transformers' logits (1, prompt + completion, vocab) from one forward over prompt + completion."""
     inputs = hf_inputs(engine, image)
-    prompt_len = inputs["input_ids"].shape[1]
-    ids = torch.cat([inputs["input_ids"], torch.tensor([completion])], dim=1)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([completion], dtype=torch.long)], dim=1)
     # mm_token_type_ids marks the image tokens; without it transformers gives them text (1-D) rope positions.
     token_types = torch.cat(
         [inputs["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1
     )
     with torch.no_grad():
-        logits = model(
+        return model(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             mm_token_type_ids=token_types,
             pixel_values=inputs["pixel_values"],
             image_grid_thw=inputs["image_grid_thw"],
         ).logits
-    return token_logprobs(logits[:, prompt_len - 1 : -1], ids[:, prompt_len:])[0]
+
+
+def hf_completion_logprobs(
+    engine: RolloutEngine, model, image: Image.Image, completion: list[int]
+) -> torch.Tensor:
+    """log p(completion token | prefix) from one transformers forward over prompt + completion."""
+    prompt_len = hf_inputs(engine, image)["input_ids"].shape[1]
+    logits = hf_logits(engine, model, image, completion)
+    return token_logprobs(logits[:, prompt_len - 1 : -1], torch.tensor([completion]))[0]
 
 
 def assert_greedy_matches_transformers(engine: RolloutEngine, model, image: Image.Image) -> list[int]:
@@ -188,20 +193,7 @@ def test_digit_probs_are_the_models_distribution_at_the_scores_leading_digit(eng
 
 def hf_next_token_probs(engine: RolloutEngine, model, image: Image.Image, prefix: list[int]) -> torch.Tensor:
     """p(next token | prompt + prefix) over the vocabulary, from transformers."""
-    inputs = hf_inputs(engine, image)
-    ids = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
-    token_types = torch.cat(
-        [inputs["mm_token_type_ids"], torch.zeros(1, len(prefix), dtype=torch.long)], dim=1
-    )
-    with torch.no_grad():
-        logits = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=token_types,
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-        ).logits
-    return torch.softmax(logits[0, -1].double(), dim=-1)
+    return torch.softmax(hf_logits(engine, model, image, prefix)[0, -1].double(), dim=-1)
 
 
 def test_vision_tokens_are_never_sampled(engine, hf_model):
