@@ -118,15 +118,16 @@ def test_answer_start_tokens_point_at_the_scored_answer_tag(processor):
     texts = {
         "<think>blurry, dark</think> <answer>3</answer>": "<think>blurry, dark</think> ",
         "<think>x</think><answer>1</answer><answer>4.5</answer>": "<think>x</think><answer>1</answer>",
-        "<answer>2</answer>": "",
+        "<answer>2</answer>": None,
         "<think>no answer</think> 3": None,
+        "<think>x</think> <answer>3</answer> and more": None,
     }
     completions = [tokenizer(text)["input_ids"] + [end] for text in texts]
     for completion, start, before in zip(
         completions, answer_start_tokens(tokenizer, completions), texts.values(), strict=True
     ):
         if before is None:
-            assert start == 0  # no answer: the whole completion carries the advantage
+            assert start == 0  # not well formed: the whole completion carries the advantage
             continue
         # The start token holds the tag's "<": the text before it ends just before (or at) the tag.
         head = tokenizer.decode(completion[:start])
