@@ -25,7 +25,7 @@ from actor.weight_sync import WORKER_EXTENSION, engine_weight_transfer_config
 from configs.schema import ModelConfig, RolloutConfig
 from iqa.images import load_image
 from learner.model_factory import load_processor
-from rewards.parsing import extract_score, score_digit_offset, token_containing
+from rewards.parsing import extract_score, score_digit_offset
 
 # Sampled, these desynchronise image features and placeholder tokens in the learner's forward.
 VISION_SPECIAL_TOKENS = (
@@ -213,18 +213,24 @@ class RolloutEngine:
         return tuple(math.exp(top[t].logprob) if t in top else 0.0 for t in self.digit_token_ids)
 
     def _token_starting_at(self, token_ids: list[int], offset: int, text: str) -> int | None:
-        """Index of the token whose decoded text starts exactly at character `offset` of `text` (the
-        decoded completion); None when the text does not line up with the tokens there."""
+        """Index of the token whose decoded text starts at character `offset` of `text` (the decoded
+        completion); binary search over decoded prefixes, so long thoughts cost O(n log n) decodes."""
 
-        def decode(ids) -> str:
-            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        def decoded_length(count: int) -> int:
+            return len(self.processor.tokenizer.decode(token_ids[:count], skip_special_tokens=True))
 
-        if decode(token_ids) != text:
+        if self.processor.tokenizer.decode(token_ids, skip_special_tokens=True) != text:
             return None
-        index = token_containing(token_ids, offset, decode)
-        if index is None or len(decode(token_ids[:index])) != offset:
+        low, high = 0, len(token_ids)  # find the fewest tokens whose text reaches past `offset`
+        while low < high:
+            middle = (low + high) // 2
+            if decoded_length(middle + 1) > offset:
+                high = middle
+            else:
+                low = middle + 1
+        if low >= len(token_ids) or decoded_length(low) != offset:
             return None
-        return index
+        return low
 
     def shutdown(self) -> None:
         """Stop the engine (and its engine-core process, if any) now rather than at garbage collection."""

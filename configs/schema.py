@@ -148,11 +148,6 @@ class LearnerConfig(Section):
     num_iterations: int = Field(1, ge=1, description="mu: GRPO updates per rollout batch")
     loss_aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     advantage: Literal["std", "mean_only"] = "std"
-    # "answer": the advantage reaches only the tokens from the scored `<answer>` tag on (every token of a
-    # completion that is not well formed, so the format reward still reaches what broke it); the KL
-    # covers every token. For tiny models whose thoughts say nothing about the image: the advantage then
-    # stops pushing ~20 thought tokens at random. Published: "all".
-    policy_gradient_tokens: Literal["all", "answer"] = "all"
     micro_batch_size: int = Field(8, ge=1, description="completions per forward/backward")
     # Run an image's prompt once for its G completions (exact; 3x faster learner here). Needs the KV
     # cache, which gradient checkpointing switches off: turn this off where that is on.

@@ -84,13 +84,11 @@ def grpo_loss(
     kl_clamp: float = 10.0,
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean",
     normalizer: float | None = None,
-    policy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO surrogate plus beta * k3 KL; returns (loss, metrics).
 
-    per token: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) * p + beta * KL(pi || ref),
-    ratio = exp(logp - old_logp), A the sequence's advantage, p = policy_mask (default 1): the tokens
-    the advantage reaches. The KL term and the averaging cover every token of `mask` either way.
+    per token: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL(pi || ref),
+    ratio = exp(logp - old_logp), A the sequence's advantage.
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
@@ -100,8 +98,6 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    if policy_mask is not None:
-        per_token = per_token * policy_mask.to(logp.dtype)
     kl = k3_kl(logp, ref_logp, kl_clamp) if ref_logp is not None else torch.zeros_like(logp)
     if beta > 0:
         per_token = per_token + beta * kl
@@ -111,8 +107,6 @@ def grpo_loss(
         active = mask > 0
         # The clipped branch is the one taken (and its gradient is zero) exactly here.
         clipped_here = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
-        if policy_mask is not None:
-            clipped_here = clipped_here & (policy_mask > 0)
         ntok = active.sum().clamp(min=1)
         masked_ratio = ratio[active]
         metrics = {

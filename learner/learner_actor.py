@@ -27,7 +27,6 @@ from learner.grpo import grpo_loss
 from learner.model_factory import load_processor
 from learner.policy import (
     PolicySample,
-    answer_start_tokens,
     build_micro_batches,
     checkpoint_names,
     completion_logprobs,
@@ -169,13 +168,6 @@ class LearnerWorker:
                 "(train_batch_size / world_size completions per rank)"
             )
         flat_advantages = _flatten_advantages(samples, advantages)
-        policy_starts = (
-            torch.tensor(
-                answer_start_tokens(self.processor.tokenizer, [c for s in samples for c in s.completions])
-            )
-            if self.learner.policy_gradient_tokens == "answer"
-            else None
-        )
         normalizer = total_sequences if self.learner.loss_aggregation == "sequence_mean" else total_tokens
         # DeepSpeed averages gradients over ranks; scaling the normalizer by 1/world makes their sum exact.
         normalizer = normalizer / self.world_size
@@ -193,11 +185,6 @@ class LearnerWorker:
             for index, batch in enumerate(batches):
                 engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
                 logp, mask = self._completion_logprobs(engine, batch)
-                policy_mask = (
-                    _from_start(policy_starts[batch.sequence_ids], logp.shape[1]).to(logp.device)
-                    if policy_starts is not None
-                    else None
-                )
                 loss, metrics = grpo_loss(
                     logp,
                     old[index] if old is not None else logp.detach(),
@@ -210,7 +197,6 @@ class LearnerWorker:
                     kl_clamp=self.learner.kl_clamp,
                     aggregation=self.learner.loss_aggregation,
                     normalizer=normalizer,
-                    policy_mask=policy_mask,
                 )
                 engine.backward(loss, scale_wrt_gas=False)
                 totals.add(metrics)
@@ -435,11 +421,6 @@ def _flatten_advantages(
             )
         flat.extend(float(v) for v in values)
     return torch.tensor(flat, dtype=torch.float32)
-
-
-def _from_start(starts: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, width) mask: True at token positions >= each row's start."""
-    return torch.arange(width).unsqueeze(0) >= starts.unsqueeze(1)
 
 
 def create_learner_group(

@@ -17,7 +17,6 @@ from PIL import Image
 
 from configs.schema import ModelConfig
 from learner.grpo import token_logprobs
-from rewards.parsing import answer_offset, format_reward, token_containing
 
 ImageSource = Image.Image | bytes | str | Path
 
@@ -112,23 +111,6 @@ def encode_prompt(processor, sample: PolicySample) -> EncodedPrompt:
         pixel_values=encoded["pixel_values"],
         image_grid_thw=encoded["image_grid_thw"],
     )
-
-
-def answer_start_tokens(tokenizer, completions: Sequence[Sequence[int]]) -> list[int]:
-    """Per completion, the index of the token holding the start of the `<answer>` tag the parser scores;
-    0 when the completion is not well formed (`<think>..</think> <answer>..</answer>`): its whole text
-    then carries its advantage, the format reward's only lever on the tokens that broke the format."""
-
-    def decode(ids) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    starts = []
-    for token_ids in completions:
-        text = decode(token_ids)
-        offset = answer_offset(text) if format_reward([text])[0] else None
-        index = token_containing(token_ids, offset, decode) if offset is not None else None
-        starts.append(index if index is not None else 0)
-    return starts
 
 
 def build_micro_batches(

@@ -12,7 +12,7 @@ the same policy (see `expected_scores`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,29 +99,6 @@ def score_digit_offset(completion: str) -> int | None:
     if match is None or len(match.group(0).split(".")[0]) != 1:  # "-2" and "10" fail here too
         return None
     return region_start + match.start()
-
-
-def answer_offset(completion: str) -> int | None:
-    """Character offset of the `<answer>` tag whose contents `extract_score` reads (the last complete
-    one); None when the completion has none."""
-    answers = list(ANSWER_RE.finditer(completion))
-    return answers[-1].start() if answers else None
-
-
-def token_containing(
-    token_ids: Sequence[int], offset: int, decode: Callable[[Sequence[int]], str]
-) -> int | None:
-    """Index of the token whose decoded text covers character `offset` of `decode(token_ids)`: the fewest
-    tokens whose decoded prefix reaches past it, by binary search (O(n log n) decodes). None when the
-    offset lies past the text."""
-    low, high = 0, len(token_ids)
-    while low < high:
-        middle = (low + high) // 2
-        if len(decode(token_ids[: middle + 1])) > offset:
-            high = middle
-        else:
-            low = middle + 1
-    return low if low < len(token_ids) else None
 
 
 def expected_scores(

@@ -21,8 +21,8 @@ def reference_advantages(rewards, mode):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregation, policy_mask=None):
-    """One loop per token, straight from the published objective (the surrogate only where policy_mask)."""
+def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregation):
+    """One loop per token, straight from the published objective."""
     per_seq, total, ntok = [], 0.0, 0
     for b in range(len(logp)):
         seq_sum, seq_n = 0.0, 0
@@ -33,8 +33,7 @@ def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregati
             surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps_low), 1 + eps_high) * adv[b])
             d = ref[b][t] - logp[b][t]
             kl = math.exp(d) - d - 1
-            reached = policy_mask is None or policy_mask[b][t]
-            value = -surrogate * reached + beta * kl
+            value = -surrogate + beta * kl
             seq_sum += value
             seq_n += 1
         per_seq.append(seq_sum / max(seq_n, 1))
@@ -88,37 +87,6 @@ def test_grpo_loss_matches_reference(seed, aggregation):
     assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
     assert 0.0 <= metrics["clip_fraction"] <= 1.0
     assert metrics["ratio_min"] <= metrics["ratio_mean"] <= metrics["ratio_max"]
-
-
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
-def test_policy_mask_limits_the_surrogate_and_keeps_the_kl_everywhere(seed, aggregation):
-    logp, old, ref, adv, mask = random_batch(seed)
-    starts = torch.randint(0, logp.shape[1], (logp.shape[0],), generator=torch.Generator().manual_seed(seed))
-    policy_mask = torch.arange(logp.shape[1])[None, :] >= starts[:, None]
-    loss, _ = grpo_loss(
-        logp, old, adv, mask, ref_logp=ref, beta=0.04, aggregation=aggregation, policy_mask=policy_mask
-    )
-    expected = reference_loss(
-        logp.tolist(),
-        old.tolist(),
-        ref.tolist(),
-        adv.tolist(),
-        mask.tolist(),
-        0.04,
-        0.2,
-        0.2,
-        aggregation,
-        policy_mask.tolist(),
-    )
-    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
-    # An all-true mask is the published loss; the surrogate's gradient vanishes where the mask is off.
-    full, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.04, policy_mask=torch.ones_like(mask))
-    assert full.item() == grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.04)[0].item()
-    leaf = logp.clone().requires_grad_(True)
-    grpo_loss(leaf, old, adv, mask, beta=0.0, aggregation=aggregation, policy_mask=policy_mask)[0].backward()
-    assert torch.all(leaf.grad[~policy_mask] == 0)
-    assert torch.any(leaf.grad[policy_mask & mask] != 0)
 
 
 def test_aggregations_differ_exactly_as_defined_on_unequal_lengths():

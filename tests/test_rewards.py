@@ -9,14 +9,12 @@ from configs.schema import RewardConfig
 from rewards.batch import batch_rewards
 from rewards.fidelity import comparison_groups, fidelity_reward, total_reward
 from rewards.parsing import (
-    answer_offset,
     apply_score_range,
     expected_scores,
     extract_score,
     format_reward,
     parse_scores,
     score_digit_offset,
-    token_containing,
 )
 
 EPS = 1e-6
@@ -279,36 +277,6 @@ def test_score_digit_offset_points_at_the_parsed_scores_leading_digit(text, digi
 )
 def test_score_digit_offset_is_none_without_a_one_digit_integer_part(text):
     assert score_digit_offset(text) is None
-
-
-@pytest.mark.parametrize(
-    "text, offset",
-    [
-        ("<think>x</think> <answer>3</answer>", 17),
-        ("<answer>1</answer> then <answer>4.5</answer>", 24),  # the answer extract_score reads
-        ("<answer>2</answer> <answer>5", 0),  # an unclosed tag is not an answer
-        ("<think>x</think> 3", None),
-    ],
-)
-def test_answer_offset_is_the_scored_answer_tag(text, offset):
-    assert answer_offset(text) == offset
-    if offset is not None:
-        assert text[offset:].startswith("<answer>")
-
-
-def test_token_containing_matches_a_linear_scan():
-    """Multi-character tokens, empty tokens and every offset, against the token whose span covers it."""
-    pieces = ["<th", "ink", ">", "", "a b", "</think>", " <", "answer", ">3", "</answer>", ""]
-    ids = list(range(len(pieces)))
-
-    def decode(token_ids):
-        return "".join(pieces[i] for i in token_ids)
-
-    text = decode(ids)
-    for offset in range(len(text) + 2):
-        covering = [i for i in ids if len(decode(ids[:i])) <= offset < len(decode(ids[: i + 1]))]
-        assert token_containing(ids, offset, decode) == (covering[0] if covering else None), offset
-    assert token_containing([], 0, decode) is None
 
 
 def reference_expected_score(score, probs, out_of_range, score_range):
