@@ -386,7 +386,11 @@ def evaluate_split(
     return {
         **report["overall"],
         "parse_failure_rate": report["sample_parse_failure_rate"],
-        **{f"{key}_expected": expected[key] for key in ("srcc", "plcc") if key in expected},
+        **{
+            f"{key}_expected": expected[key]
+            for key in ("srcc", "plcc", "spread_across_images")
+            if key in expected
+        },
     }
 
 
@@ -628,14 +632,26 @@ def read_trained_images(output_dir: str | Path) -> list[dict]:
 
 
 def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -> None:
-    keys = ["srcc", "plcc", "krcc", "rmse", "parse_failure_rate", "srcc_expected", "plcc_expected"]
+    keys = [
+        "srcc",
+        "plcc",
+        "krcc",
+        "rmse",
+        "parse_failure_rate",
+        "spread_within_image",
+        "srcc_expected",
+        "plcc_expected",
+        "spread_across_images_expected",
+    ]
     print("\nheld-out evaluation      before      after")
     for key in keys:
         old = f"{before[key]:.3f}" if before and key in before else "   -"
         new = f"{after[key]:.3f}" if key in after else "   -"
         print(f"  {key:<22}{old:>8}{new:>11}")
     print(
-        "  (*_expected: the mean of each sample's expected score, its leading digit's sampling noise removed)"
+        "  (*_expected: the mean of each sample's expected score, its leading digit's sampling noise removed;\n"
+        "   the sampled srcc can see the policy's ranking only once spread_across_images_expected is not\n"
+        "   small against spread_within_image / sqrt(samples per image))"
     )
     print(f"policy checkpoint (Hugging Face format): {checkpoint}\n{tracker.describe()}")
 

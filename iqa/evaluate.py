@@ -207,6 +207,11 @@ def run_evaluation(
         per_dataset[name] = evaluate_scores(pred[rows], mos[rows], bootstrap=bootstrap, seed=seed)
         panels.append(Panel(name, pred[rows], mos[rows], per_dataset[name], failed[rows]))
     overall = evaluate_scores(pred, mos, bootstrap=bootstrap, seed=seed)
+    # Signal against noise: an image's mean of n samples moves by about spread_within_image / sqrt(n), so
+    # the sampled SRCC sees the policy's ranking only where its expected scores differ across images
+    # (spread_across_images) by a comparable amount.
+    spreads = [spread for _, spread, parsed, _ in summaries if parsed > 1]
+    overall["spread_within_image"] = float(np.mean(spreads)) if spreads else math.nan
     with_digits = any(s.digit_probs is not None for s in all_samples)
     expected = [_expected_prediction(s, score_range, out_of_range_policy) for s in all_samples]
     pred_expected = np.array([e[0] for e in expected])
@@ -236,6 +241,10 @@ def run_evaluation(
             "samples_with_digit_probs": sum(e[1] for e in expected),
             "overall": evaluate_scores(pred_expected, mos, bootstrap=bootstrap, seed=seed),
         }
+        finite = pred_expected[np.isfinite(pred_expected)]
+        report["expected_score"]["overall"]["spread_across_images"] = (
+            float(np.std(finite)) if finite.size > 1 else math.nan
+        )
 
     csv_path = out_dir / f"{prefix}_predictions.csv"
     with open(csv_path, "w", newline="") as stream:

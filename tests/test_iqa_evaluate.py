@@ -93,6 +93,8 @@ def test_run_evaluation_writes_csv_json_png(tmp_path, dataset):
     assert saved["overall"]["srcc"] == pytest.approx(expected["srcc"])
     assert saved["per_dataset"]["builtin"]["srcc"] == pytest.approx(expected["srcc"])
     assert report["overall"]["srcc"] > 0.5  # sharpness does track blur and contrast loss
+    # The mean spread of the images with two or more parsed samples (all-failed images have none).
+    assert saved["overall"]["spread_within_image"] == pytest.approx(0.2 / np.sqrt(2))
 
     with Image.open(tmp_path / "eval_scatter.png") as plot:
         assert plot.format == "PNG" and plot.width >= 300
@@ -207,6 +209,8 @@ def test_digit_distributions_add_the_expected_score_metrics(tmp_path, dataset):
     assert float(first["pred_expected"]) == pytest.approx(
         (1.5 + 3.0 * rank[first["id"]] / len(rank) + sampled[1]) / 2
     )
+    predicted = np.array([float(r["pred_expected"]) for r in rows])
+    assert expected["overall"]["spread_across_images"] == pytest.approx(np.std(predicted))
 
 
 def test_without_digit_distributions_the_report_has_no_expected_scores(tmp_path, dataset):

@@ -61,6 +61,9 @@ def test_tiny_run_logs_every_metric_for_every_step(first_run):
     assert "eval_before/srcc" in run.data.metrics and "eval_after/srcc" in run.data.metrics
     assert result["before"] is not None and "srcc" in result["after"]
     assert "srcc_expected" in result["after"]  # the evaluation read digit distributions from vLLM
+    assert (
+        result["after"]["spread_across_images_expected"] >= 0 and result["after"]["spread_within_image"] >= 0
+    )
     # The evaluation treats out-of-range scores as the reward does (the tiny preset clips them).
     saved = json.loads((tmp_path / "out" / "eval-after" / "eval_after_metrics.json").read_text())
     assert config.reward.out_of_range == "clip" and saved["out_of_range_rule"] == "clip"
