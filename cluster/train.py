@@ -643,11 +643,11 @@ def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -
         "plcc_expected",
         "spread_across_images_expected",
     ]
-    print("\nheld-out evaluation      before      after")
+    print(f"\n{'held-out evaluation':<32}{'before':>8}{'after':>11}")
     for key in keys:
         old = f"{before[key]:.3f}" if before and key in before else "   -"
         new = f"{after[key]:.3f}" if key in after else "   -"
-        print(f"  {key:<22}{old:>8}{new:>11}")
+        print(f"  {key:<30}{old:>8}{new:>11}")
     print(
         "  (*_expected: the mean of each sample's expected score, its leading digit's sampling noise removed;\n"
         "   the sampled srcc can see the policy's ranking only once spread_across_images_expected is not\n"
