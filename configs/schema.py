@@ -117,6 +117,9 @@ class RewardConfig(Section):
     # What to do with parsed scores outside score_range: keep (published), clip, or treat as failure.
     out_of_range: Literal["keep", "clip", "fail"] = "keep"
     score_range: tuple[float, float] = (1.0, 5.0)
+    # "published": the paper's fidelity reward; "label_only": minus its label-free part, the pay for
+    # scoring near the other images' means (rewards/fidelity.py).
+    fidelity: Literal["published", "label_only"] = "published"
     # Permute MOS labels inside each dataset before the reward (the learning control run).
     permute_labels: bool = False
 

@@ -103,7 +103,9 @@ def batch_rewards(
     # Under "random" a failed parse still takes part with its drawn score (the published behaviour).
     valid = parse_ok if config.on_parse_failure == "exclude" else None
     mos = np.asarray(mos, dtype=np.float64)
-    fidelity = fidelity_reward(scores, mos, group_ids, valid=valid)
+    fidelity = fidelity_reward(
+        scores, mos, group_ids, valid=valid, label_only=config.fidelity == "label_only"
+    )
     total = total_reward(fidelity, fmt, config.fidelity_weight, config.format_weight)
     return BatchRewards(
         total=total,

@@ -10,6 +10,12 @@ comparison group:
 
 and the reward is the mean of r over those j. Comparison groups never span datasets, because MOS
 scales of different datasets are not comparable.
+
+`label_only=True` subtracts from each r its mean over the two strict orders,
+(r(p, 1) + r(p, 0)) / 2 = (sqrt(p) + sqrt(1 - p)) / 2: the part that does not depend on the label. That
+part peaks at p = 0.5, so the published reward pays every completion for scoring near the other images'
+means whatever the labels say (a push towards the batch middle that moves even a permuted-label run).
+What is left is +-(sqrt(p) - sqrt(1 - p)) / 2 for a strict order, zero on average over random labels.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ def fidelity_reward(
     group_ids: np.ndarray,
     valid: np.ndarray | None = None,
     eps: float = EPS,
+    label_only: bool = False,
 ) -> np.ndarray:
     """Fidelity reward, shape (B, G), for scores (B, G), MOS (B,) and comparison group ids (B,).
 
@@ -95,6 +102,8 @@ def fidelity_reward(
     p = ndtr(delta)
     gt3 = gt[:, None, :]
     r = np.sqrt(p * gt3 + eps) + np.sqrt((1.0 - p) * (1.0 - gt3) + eps)
+    if label_only:
+        r -= 0.5 * (np.sqrt(p + eps) + np.sqrt(eps) + np.sqrt(1.0 - p + eps) + np.sqrt(eps))
     partners = pair_mask.sum(axis=1)  # (i,)
     total = np.where(pair_mask[:, None, :], r, 0.0).sum(axis=2)
     reward = total / np.maximum(partners, 1)[:, None]

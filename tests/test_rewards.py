@@ -24,8 +24,13 @@ def phi(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
-def reference_fidelity(scores, mos, groups, valid=None):
-    """The seed pseudocode, one loop per index; pairs only within a comparison group."""
+def pair_fidelity(p: float, gt: float) -> float:
+    return math.sqrt(p * gt + EPS) + math.sqrt((1 - p) * (1 - gt) + EPS)
+
+
+def reference_fidelity(scores, mos, groups, valid=None, label_only=False):
+    """The seed pseudocode, one loop per index; pairs only within a comparison group. `label_only`: each
+    pair's r minus its mean over gt = 1 and gt = 0."""
     num_images, num_gen = len(scores), len(scores[0])
     valid = [[True] * num_gen for _ in range(num_images)] if valid is None else valid
     stats = []
@@ -45,7 +50,8 @@ def reference_fidelity(scores, mos, groups, valid=None):
                     continue
                 p = phi((scores[i][k] - stats[j][0]) / math.sqrt(stats[i][1] + stats[j][1] + EPS))
                 gt = 1.0 if mos[i] > mos[j] else 0.0 if mos[i] < mos[j] else 0.5
-                total += math.sqrt(p * gt + EPS) + math.sqrt((1 - p) * (1 - gt) + EPS)
+                r = pair_fidelity(p, gt)
+                total += r - (pair_fidelity(p, 1.0) + pair_fidelity(p, 0.0)) / 2 if label_only else r
                 n += 1
             out[i][k] = total / n if n else 0.0
     return np.array(out)
@@ -68,6 +74,40 @@ def test_fidelity_matches_reference_loop(seed):
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_label_only_fidelity_matches_reference_loop(seed):
+    rng = np.random.default_rng(100 + seed)
+    num_images, num_gen = int(rng.integers(2, 12)), int(rng.integers(2, 9))
+    scores = rng.uniform(1, 5, size=(num_images, num_gen)).round(int(rng.integers(0, 3)))
+    mos = rng.integers(1, 5, size=num_images).astype(float)
+    groups = rng.integers(0, 3, size=num_images)
+    valid = rng.random((num_images, num_gen)) > 0.2
+    np.testing.assert_allclose(
+        fidelity_reward(scores, mos, groups, valid=valid, label_only=True),
+        reference_fidelity(scores, mos, groups, valid.tolist(), label_only=True),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_label_only_fidelity_flips_sign_with_the_labels_and_rises_with_the_best_images_score():
+    # Reversing every strict order flips the sign of every label-only reward: no pay for a score that
+    # does not come from the labels. What was taken out is the same whichever way the labels point.
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(1, 5, size=(6, 8))
+    mos = rng.permutation(6).astype(float)
+    groups = np.zeros(6, dtype=np.int64)
+    forward = fidelity_reward(scores, mos, groups, label_only=True)
+    reversed_ = fidelity_reward(scores, -mos, groups, label_only=True)
+    np.testing.assert_allclose(forward + reversed_, 0.0, atol=1e-12)
+    best = int(np.argmax(mos))  # beats every partner: the reward rises with its score
+    order = np.argsort(scores[best])
+    assert np.all(np.diff(forward[best][order]) > 0)
+    label_free = fidelity_reward(scores, mos, groups) - forward
+    label_free_reversed = fidelity_reward(scores, -mos, groups) - reversed_
+    np.testing.assert_allclose(label_free, label_free_reversed, atol=1e-12)  # what was taken out
 
 
 def test_fidelity_ties_give_half_probability_terms():
