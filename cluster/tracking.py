@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -18,6 +20,24 @@ def resolve_tracking_uri(tracking: TrackingConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@contextmanager
+def store_creation_lock(uri: str):
+    """Held while a sqlite store is opened: MLflow creates and migrates a new database's tables on first
+    connect, and two runs started at once on a fresh store both try it (one dies on "duplicate column").
+    Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -37,7 +57,8 @@ class Tracker:
     def __init__(self, config: Config, run_id: str | None = None):
         self.uri = resolve_tracking_uri(config.tracking)
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(config.tracking.experiment)
+        with store_creation_lock(self.uri):
+            mlflow.set_experiment(config.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=config.tracking.run_name)
         self.run_id = self.run.info.run_id
         if run_id is None:

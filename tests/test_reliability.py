@@ -207,3 +207,40 @@ def test_driver_killed_after_a_checkpoint_resumes_and_trains_the_uninterrupted_r
     )
     assert resumed, output[-3000:]
     assert read_trained_images(tmp_path / "out") == read_trained_images(first_tmp / "out")
+
+
+OPEN_TRACKER = """
+import sys, time
+from cluster.tracking import Tracker
+from configs.load import load_config
+config = load_config("cpu-tiny", [f"tracking.tracking_uri={sys.argv[1]}", f"tracking.run_name=run-{sys.argv[3]}"])
+start = float(sys.argv[2])
+while time.time() < start:  # every process past its imports, then all at once
+    time.sleep(0.001)
+Tracker(config).finish()
+"""
+
+
+def test_runs_started_at_once_on_a_fresh_mlflow_store_all_open_it(tmp_path):
+    # Without the lock, MLflow's first-connect migration of a new sqlite store races: measured here, 2 of
+    # 3 processes died ("duplicate column name" / "Online migration expected to match one row").
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = time.time() + 20
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_TRACKER, uri, str(start), str(index)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(3)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], "\n".join(out[-2000:] for out in outputs)
+    mlflow.set_tracking_uri(uri)
+    names = {
+        run.info.run_name
+        for run in mlflow.search_runs(experiment_names=["visualquality-r1"], output_format="list")
+    }
+    assert names == {"run-0", "run-1", "run-2"}
