@@ -58,6 +58,7 @@ def batch_pushes(
     push, widen, rank, offsets = [], [], [], []
     for _ in range(BATCHES):
         mos = rng.choice(all_mos, IMAGES, replace=False)
+        # No draw without offsets: the offset-free rows keep the random stream (and figures) they had.
         offset = rng.normal(0.0, offset_sd, IMAGES) if offset_sd > 0 else np.zeros(IMAGES)
         scores = np.clip(rng.normal(SCORE_MEAN + offset[:, None], SCORE_SD, (IMAGES, GENERATIONS)), 1.0, 5.0)
         if reward == "pointwise":

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from actor.prompts import build_prompt_text
-from learner.base_model import THOUGHTS
+from learner.base_model import THOUGHTS, cold_start_prefix
 from learner.policy import open_image
 
 STATISTICS = ("grey std", "mean |gradient|", "brightness")
@@ -48,7 +48,7 @@ def fixed_thought_scores(model, processor, images: list[Image.Image], thoughts=T
     for i, image in enumerate(images):
         for t, thought in enumerate(thoughts):
             inputs = processor(
-                text=[f"{prompt}<think> {thought} </think> <answer>"], images=[image], return_tensors="pt"
+                text=[prompt + cold_start_prefix(thought)], images=[image], return_tensors="pt"
             )
             probs = torch.softmax(model(**inputs).logits[0, -1, digits].double(), dim=-1).numpy()
             scores[i, t] = probs @ np.arange(1, 6)

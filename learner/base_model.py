@@ -221,7 +221,12 @@ def cold_start_answer(rng: np.random.Generator, decimals: int = 2) -> str:
     steps = 4 * 10**decimals
     score = 1 + int(rng.integers(steps + 1)) / 10**decimals
     thought = THOUGHTS[int(rng.integers(len(THOUGHTS)))]
-    return f"<think> {thought} </think> <answer>{score:.{decimals}f}</answer>"
+    return f"{cold_start_prefix(thought)}{score:.{decimals}f}</answer>"
+
+
+def cold_start_prefix(thought: str) -> str:
+    """The cold start's completion up to its score: the thought, then the opening answer tag."""
+    return f"<think> {thought} </think> <answer>"
 
 
 # ---------------------------------------------------------------- model pieces

@@ -61,6 +61,11 @@ def score_statistics(scores: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray,
     return mean, var, count
 
 
+def pair_fidelity(p: np.ndarray, gt: np.ndarray | float, eps: float) -> np.ndarray:
+    """r for one comparison: P(this completion beats the partner) p against the label gt."""
+    return np.sqrt(p * gt + eps) + np.sqrt((1.0 - p) * (1.0 - gt) + eps)
+
+
 def fidelity_reward(
     scores: np.ndarray,
     mos: np.ndarray,
@@ -101,9 +106,9 @@ def fidelity_reward(
     delta = (safe_scores[:, :, None] - mean[None, None, :]) / scale[:, None, :]
     p = ndtr(delta)
     gt3 = gt[:, None, :]
-    r = np.sqrt(p * gt3 + eps) + np.sqrt((1.0 - p) * (1.0 - gt3) + eps)
+    r = pair_fidelity(p, gt3, eps)
     if label_only:
-        r -= 0.5 * (np.sqrt(p + eps) + np.sqrt(eps) + np.sqrt(1.0 - p + eps) + np.sqrt(eps))
+        r -= 0.5 * (pair_fidelity(p, 1.0, eps) + pair_fidelity(p, 0.0, eps))
     partners = pair_mask.sum(axis=1)  # (i,)
     total = np.where(pair_mask[:, None, :], r, 0.0).sum(axis=2)
     reward = total / np.maximum(partners, 1)[:, None]
