@@ -24,7 +24,7 @@ from actor.prompts import build_prompt_text
 from actor.weight_sync import WORKER_EXTENSION, engine_weight_transfer_config
 from configs.schema import ModelConfig, RolloutConfig
 from iqa.images import load_image
-from learner.model_factory import load_processor
+from learner.model_factory import load_processor, token_id
 from rewards.parsing import extract_score, score_digit_offset
 
 # Sampled, these desynchronise image features and placeholder tokens in the learner's forward.
@@ -113,12 +113,7 @@ class RolloutEngine:
         )
 
     def _token_id(self, token: str) -> int:
-        token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.processor.tokenizer.unk_token_id:
-            raise ValueError(
-                f"{self.model_path}: the tokenizer has no {token} token (not a Qwen2-VL checkpoint?)"
-            )
-        return token_id
+        return token_id(self.processor.tokenizer, token, self.model_path)
 
     def sampling_params(
         self, n: int, temperature: float | None = None, seed: int | None = None, top_logprobs: int = 0

@@ -27,6 +27,7 @@ from scipy.stats import spearmanr
 
 from actor.prompts import build_prompt_text
 from learner.base_model import THOUGHTS, cold_start_prefix
+from learner.model_factory import token_id
 from learner.policy import open_image
 
 STATISTICS = ("grey std", "mean |gradient|", "brightness")
@@ -43,7 +44,7 @@ def image_statistics(image: Image.Image) -> np.ndarray:
 def fixed_thought_scores(model, processor, images: list[Image.Image], thoughts=THOUGHTS) -> np.ndarray:
     """(images, thoughts): E[first score digit] over 1..5 after `<think> {thought} </think> <answer>`."""
     prompt = build_prompt_text(processor, thinking=True)
-    digits = [processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, 6)]
+    digits = [token_id(processor.tokenizer, str(d), "bench.score_bias") for d in range(1, 6)]
     scores = np.empty((len(images), len(thoughts)))
     for i, image in enumerate(images):
         for t, thought in enumerate(thoughts):

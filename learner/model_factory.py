@@ -368,6 +368,14 @@ def resolve_start_model(config) -> Path:
     return cold_start_for_run(config, path, cache_dir)
 
 
+def token_id(tokenizer, token: str, source: str | Path) -> int:
+    """The id of one token; an error naming `source` when the tokenizer lacks it (a Qwen tokenizer never does)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or found == tokenizer.unk_token_id:
+        raise ValueError(f"{source}: the tokenizer has no {token} token (not a Qwen2-VL checkpoint?)")
+    return found
+
+
 def load_processor(path: str | Path, min_pixels: int, max_pixels: int):
     """The checkpoint's processor with the run's image bounds (the same ones vLLM is given)."""
     from transformers import AutoProcessor

@@ -20,6 +20,7 @@ from learner.model_factory import (  # noqa: E402
     build_checkpoint,
     load_processor,
     resolve_model_path,
+    token_id,
 )
 
 
@@ -130,3 +131,10 @@ def test_unknown_preset_and_bad_bounds_are_rejected(cache_dir):
         build_checkpoint("huge", cache_dir)
     with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
         build_checkpoint("tiny", cache_dir, min_pixels=20000, max_pixels=12544)
+
+
+def test_token_id_finds_digits_and_names_the_source_of_a_missing_token(tiny_path):
+    tokenizer = load_processor(tiny_path, 3136, 12544).tokenizer
+    assert tokenizer.decode([token_id(tokenizer, "3", tiny_path)]) == "3"
+    with pytest.raises(ValueError, match=f"{tiny_path}: the tokenizer has no <no-such-token> token"):
+        token_id(tokenizer, "<no-such-token>", tiny_path)
