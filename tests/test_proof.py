@@ -74,3 +74,4 @@ def test_benchmark_settings_make_a_valid_config_with_the_whole_number_cold_start
     config = load_config("cpu-default", BENCHMARK)
     assert config.model.cold_start.score_decimals == 0
     assert config.learner.advantage == "mean_only" and config.reward.on_parse_failure == "exclude"
+    assert config.learner.grad_clip == 0.03 and config.reward.fidelity == "label_only"
