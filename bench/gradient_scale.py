@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bench.step import metric_histories
+
 CLIPS = (1.0, 0.1, 0.05, 0.03, 0.02)
 
 
@@ -64,14 +66,11 @@ def read_run(tracking_uri: str, run_name: str) -> tuple[np.ndarray, np.ndarray, 
     if not runs:
         raise SystemExit(f"{tracking_uri}: no run named {run_name!r}")
     run_id = runs[0].info.run_id
-
-    def history(key: str) -> dict[int, float]:
-        values = {m.step: m.value for m in client.get_metric_history(run_id, key)}
-        if not values:
-            raise SystemExit(f"{tracking_uri}: run {run_name!r} ({run_id}) has no metric {key!r}")
-        return values
-
-    grad, fmt = history("learner/grad_norm"), history("reward/format_mean")
+    histories = metric_histories(tracking_uri, run_id, ("learner/grad_norm", "reward/format_mean"))
+    missing = [key for key, history in histories.items() if not history]
+    if missing:
+        raise SystemExit(f"{tracking_uri}: run {run_name!r} ({run_id}) has no metric {missing}")
+    grad, fmt = ({m.step: m.value for m in history} for history in histories.values())
     steps = np.array(sorted(set(grad) & set(fmt)))
     return steps, np.array([grad[s] for s in steps]), np.array([fmt[s] for s in steps])
 
