@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml cluster/cpu_compat.py
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=5 $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
@@ -38,12 +38,12 @@ train: setup
 	$(PY) -m cluster.train --config $(PRESET) $(ARGS)
 
 # The learning control (issue 8): make proof's run with the MOS labels permuted within each dataset in
-# the reward; held-out SRCC must not gain beyond evaluation noise (~35 min).
+# the reward; held-out SRCC must not gain beyond evaluation noise (~23 min).
 ablation: setup
 	$(PY) -m cluster.proof --config $(PRESET) --control-only $(ARGS)
 
 # The learning proof: cluster.proof.BENCHMARK on the preset with seeds 0, 1, 2 and the control; a
-# before/after table (4 runs of ~35 min on 2 cores).
+# before/after table (4 runs of ~23 min on 2 cores).
 proof: setup
 	$(PY) -m cluster.proof --config $(PRESET) $(ARGS)
 
