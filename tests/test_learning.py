@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Measured gains over 150 steps: see the README ("Does it learn?").
 TINT_MIN_GAIN = 0.2
 # Measured at step 300, 32 samples per image (README, "Does it learn?"): expected-score SRCC gain +0.51
-# (seed 0; its rerun here +0.52) / +0.46 (seed 1, 8 samples) / +0.41 (seed 2), the control's -0.08;
-# expected scores' sd across images 0.39 (0.45) / 0.52 / 0.26, the control's 0.02; sampled SRCC gain
-# +0.25 (+0.28) / +0.58 / +0.30, the control's -0.23. An SRCC over the 150 held-out images moves by
-# ~0.08 between evaluations; seed 0's "before" is the same every run (+0.131, a seeded evaluation).
+# (seed 0; its rerun here +0.52) / +0.43 (seed 1) / +0.41 (seed 2), the control's -0.08; expected
+# scores' sd across images 0.39 (0.45) / 0.51 / 0.26, the control's 0.02; sampled SRCC gain +0.25
+# (+0.28) / +0.34 / +0.30, the control's -0.23. An SRCC over the 150 held-out images moves by ~0.08
+# between evaluations; seed 0's "before" is the same every run (+0.131, a seeded evaluation).
 BENCHMARK_MIN_EXPECTED_GAIN = 0.3
 BENCHMARK_MIN_SPREAD = 0.15
 BENCHMARK_MIN_SAMPLED_GAIN = 0.1
