@@ -38,12 +38,12 @@ train: setup
 	$(PY) -m cluster.train --config $(PRESET) $(ARGS)
 
 # The learning control (issue 8): make proof's run with the MOS labels permuted within each dataset in
-# the reward; held-out SRCC must not gain beyond evaluation noise (~23 min).
+# the reward; held-out SRCC must not gain beyond evaluation noise (~22 min).
 ablation: setup
 	$(PY) -m cluster.proof --config $(PRESET) --control-only $(ARGS)
 
 # The learning proof: cluster.proof.BENCHMARK on the preset with seeds 0, 1, 2 and the control; a
-# before/after table (4 runs of ~23 min on 2 cores).
+# before/after table (4 runs of ~22 min on 2 cores).
 proof: setup
 	$(PY) -m cluster.proof --config $(PRESET) $(ARGS)
 
