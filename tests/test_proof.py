@@ -39,6 +39,7 @@ def test_one_seed_has_no_spread_and_no_control_is_nan():
     summary = summarize({"seed-0": result(0.1, 0.2)})
     assert summary["srcc"]["mean_change"] == pytest.approx(0.1)
     assert math.isnan(summary["srcc"]["sd_change"]) and math.isnan(summary["srcc"]["control_change"])
+    assert "nan" not in format_table(summary) and "mean change over seeds +0.100" in format_table(summary)
 
 
 def test_plan_runs_each_seed_then_the_permuted_label_control_in_its_own_folder():
@@ -63,8 +64,13 @@ def test_expected_score_metrics_are_reported_only_where_every_run_has_them():
 
 
 def test_control_only_plan_is_the_permuted_label_run_alone():
-    plan = dict(run_plan([3, 4], Path("/o"), control_only=True))
+    plan = dict(run_plan([3, 4], Path("/o"), control="only"))
     assert list(plan) == ["control-seed-3"] and "reward.permute_labels=true" in plan["control-seed-3"]
+
+
+def test_plan_without_control_runs_only_the_seeds():
+    plan = dict(run_plan([3], Path("/o"), control="none"))
+    assert list(plan) == ["seed-3"] and "reward.permute_labels=true" not in plan["seed-3"]
 
 
 def test_benchmark_settings_make_a_valid_config_with_the_whole_number_cold_start_step():

@@ -3,6 +3,7 @@ the test command CI runs (a rewrite once dropped whole sections unnoticed)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,9 @@ def test_readme_keeps_its_sections(section):
 
 def test_readme_says_how_to_submit_to_a_cluster():
     assert "ray job submit --working-dir . -- python -m cluster.train --config" in README
+
+
+def test_every_make_target_the_readme_names_exists():
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", README))
+    assert named and named <= targets, f"README names make targets the Makefile lacks: {named - targets}"
