@@ -364,8 +364,8 @@ def evaluate_split(
     config, eval_split, score_images, out_dir: Path, mlflow_run, prefix: str, step: int
 ) -> dict:
     """run_evaluation with the config's decoding; returns the metrics over all images (srcc, plcc, ...,
-    parse_failure_rate, and srcc_expected, plcc_expected when the scorer read digit distributions). The
-    files and per-dataset metrics go to out_dir and the MLflow run."""
+    parse_failure_rate, srcc_within_reference, and the *_expected ones when the scorer read digit
+    distributions). The files and per-dataset metrics go to out_dir and the MLflow run."""
     from iqa.evaluate import run_evaluation
 
     report = run_evaluation(
@@ -388,7 +388,7 @@ def evaluate_split(
         "parse_failure_rate": report["sample_parse_failure_rate"],
         **{
             f"{key}_expected": expected[key]
-            for key in ("srcc", "plcc", "spread_across_images")
+            for key in ("srcc", "plcc", "spread_across_images", "srcc_within_reference")
             if key in expected
         },
     }
@@ -639,9 +639,11 @@ def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -
         "rmse",
         "parse_failure_rate",
         "spread_within_image",
+        "srcc_within_reference",
         "srcc_expected",
         "plcc_expected",
         "spread_across_images_expected",
+        "srcc_within_reference_expected",
     ]
     print(f"\n{'held-out evaluation':<32}{'before':>8}{'after':>11}")
     for key in keys:
@@ -651,7 +653,8 @@ def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -
     print(
         "  (*_expected: the mean of each sample's expected score, its leading digit's sampling noise removed;\n"
         "   the sampled srcc can see the policy's ranking only once spread_across_images_expected is not\n"
-        "   small against spread_within_image / sqrt(samples per image))"
+        "   small against spread_within_image / sqrt(samples per image); *within_reference: the mean SRCC\n"
+        "   among each reference photo's distorted versions, the photo's content offset taken out)"
     )
     print(f"policy checkpoint (Hugging Face format): {checkpoint}\n{tracker.describe()}")
 

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from iqa.images import load_image
-from iqa.metrics import evaluate_scores
+from iqa.metrics import evaluate_scores, within_group_srcc
 from iqa.plots import Panel, scatter_plot
 from rewards.parsing import OutOfRangePolicy, apply_score_range, expected_scores
 
@@ -212,6 +212,10 @@ def run_evaluation(
     # (spread_across_images) by a comparable amount.
     spreads = [spread for _, spread, parsed, _ in summaries if parsed > 1]
     overall["spread_within_image"] = float(np.mean(spreads)) if spreads else math.nan
+    # Where images share reference photos: the ranking with each photo's content offset taken out.
+    refs = list(dataset["ref"]) if "ref" in dataset.column_names else None
+    if refs is not None:
+        overall["srcc_within_reference"], overall["references_ranked"] = within_group_srcc(pred, mos, refs)
     with_digits = any(s.digit_probs is not None for s in all_samples)
     expected = [_expected_prediction(s, score_range, out_of_range_policy) for s in all_samples]
     pred_expected = np.array([e[0] for e in expected])
@@ -245,6 +249,10 @@ def run_evaluation(
         report["expected_score"]["overall"]["spread_across_images"] = (
             float(np.std(finite)) if finite.size > 1 else math.nan
         )
+        if refs is not None:
+            report["expected_score"]["overall"]["srcc_within_reference"] = within_group_srcc(
+                pred_expected, mos, refs
+            )[0]
 
     csv_path = out_dir / f"{prefix}_predictions.csv"
     with open(csv_path, "w", newline="") as stream:

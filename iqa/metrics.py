@@ -9,6 +9,10 @@
   direction (b1 - b2, or the line's slope). Where the fit fails or is not finite,
   a least-squares line is used instead; the result's "fit" says which ("logistic4", "linear", or
   "none" for constant predictions, where the correlations are undefined, NaN).
+- SRCC within reference (`within_group_srcc`): the mean over reference photos of the SRCC among that
+  photo's distorted versions. It ignores every offset the model puts on a photo's content, which the
+  overall SRCC counts; on a synthetic set whose photos share one MOS range, the gap between the two is
+  what content costs the ranking.
 - 95% bootstrap intervals: `bootstrap` resamples of the images with replacement (seeded), the 2.5th
   and 97.5th percentiles. For PLCC and RMSE the resamples reuse the mapping fitted on the whole set
   (refitting a thousand times would cost much and move the interval little).
@@ -146,3 +150,24 @@ def evaluate_scores(pred_mean, mos, bootstrap: int = 1000, seed: int = 0) -> dic
             result[f"{name}_ci95_low"], result[f"{name}_ci95_high"] = float(low), float(high)
     result["bootstrap"] = int(bootstrap)
     return result
+
+
+def within_group_srcc(pred, mos, groups, min_size: int = 3) -> tuple[float, int]:
+    """(mean SRCC within groups, groups counted): the SRCC of pred with MOS among the rows of each group
+    that has at least min_size rows and more than one MOS value, averaged with equal weight; a group whose
+    predictions are all equal ranks nothing and counts as 0. NaN and 0 when no group qualifies."""
+    pred = np.asarray(pred, dtype=np.float64)
+    mos = np.asarray(mos, dtype=np.float64)
+    groups = np.asarray(groups)
+    if not (pred.shape == mos.shape == groups.shape) or pred.ndim != 1:
+        raise ValueError(
+            f"pred, mos and groups must be 1-D of equal length: {pred.shape}, {mos.shape}, {groups.shape}"
+        )
+    values = []
+    for group in np.unique(groups):
+        rows = groups == group
+        if rows.sum() < min_size or np.ptp(mos[rows]) == 0:
+            continue
+        value = _rowwise_pearson(rankdata(pred[rows])[None], rankdata(mos[rows])[None])[0]
+        values.append(float(value) if math.isfinite(value) else 0.0)
+    return (float(np.mean(values)), len(values)) if values else (math.nan, 0)

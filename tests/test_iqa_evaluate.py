@@ -226,3 +226,39 @@ def test_without_digit_distributions_the_report_has_no_expected_scores(tmp_path,
     assert "expected_score" not in report
     with open(tmp_path / "eval_predictions.csv") as stream:
         assert "pred_expected" not in csv.DictReader(stream).fieldnames
+
+
+def test_srcc_within_reference_takes_each_photos_content_offset_out(tmp_path, dataset):
+    """Predictions that rank every photo's versions right but shift each photo by a large offset: the
+    overall SRCC suffers, the within-reference SRCC is 1, for sampled and expected scores alike."""
+    refs = sorted(set(dataset["ref"]))
+    offset = {ref: 10.0 * index for index, ref in enumerate(refs)}
+    row = {
+        path: (mos, ref)
+        for path, mos, ref in zip(dataset["image"], dataset["mos"], dataset["ref"], strict=True)
+    }
+    paths = iter(dataset["image"])
+
+    def score_images(images):
+        out = []
+        for _ in images:
+            mos, ref = row[next(paths)]
+            score = offset[ref] + mos / 10
+            # No digit distributions: the expected reading falls back to the sampled scores.
+            out.append(ImageSamples([score, score], [None, None]))
+        return out
+
+    report = run_evaluation(
+        dataset,
+        score_images,
+        tmp_path,
+        num_samples=2,
+        temperature=1.0,
+        thinking=True,
+        bootstrap=0,
+        score_range=(0.0, 1000.0),
+    )
+    assert len(refs) > 1 and report["overall"]["references_ranked"] == len(refs)
+    assert report["overall"]["srcc_within_reference"] == pytest.approx(1.0)
+    assert report["overall"]["srcc"] < 0.9
+    assert report["expected_score"]["overall"]["srcc_within_reference"] == pytest.approx(1.0)

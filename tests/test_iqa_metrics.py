@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, pearsonr, spearmanr
 
-from iqa.metrics import evaluate_scores, fit_logistic, logistic4
+from iqa.metrics import evaluate_scores, fit_logistic, logistic4, within_group_srcc
 
 
 @pytest.fixture
@@ -79,3 +79,33 @@ def test_bad_input_is_rejected():
         evaluate_scores([1, 2], [1, 2])
     with pytest.raises(ValueError, match="finite"):
         evaluate_scores([1, float("nan"), 3], [1, 2, 3])
+
+
+def test_within_group_srcc_is_the_mean_of_each_groups_spearman():
+    rng = np.random.default_rng(3)
+    groups = np.repeat(["a", "b", "c"], [6, 5, 4])
+    mos = rng.uniform(1, 5, size=15)
+    pred = mos + rng.normal(0, 1.0, size=15) + np.repeat([0.0, 3.0, -3.0], [6, 5, 4])
+    value, counted = within_group_srcc(pred, mos, groups)
+    reference = np.mean([spearmanr(pred[groups == g], mos[groups == g]).statistic for g in "abc"])
+    assert counted == 3 and value == pytest.approx(reference)
+
+
+def test_within_group_srcc_ignores_content_offsets_the_overall_srcc_counts():
+    mos = np.tile([1.0, 2.0, 3.0, 4.0], 3)
+    groups = np.repeat(["a", "b", "c"], 4)
+    pred = mos * 0.1 + np.repeat([0.0, 1.0, 2.0], 4)  # every photo ranked right, photos far apart
+    assert within_group_srcc(pred, mos, groups) == (pytest.approx(1.0), 3)
+    assert evaluate_scores(pred, mos, bootstrap=0)["srcc"] < 0.9
+
+
+def test_within_group_srcc_edge_cases():
+    mos = np.array([1.0, 2.0, 3.0, 2.0, 2.0, 2.0, 1.0, 5.0])
+    groups = np.array(["tied", "tied", "tied", "same_mos", "same_mos", "same_mos", "small", "small"])
+    pred = np.array([2.0, 2.0, 2.0, 1.0, 2.0, 3.0, 1.0, 2.0])
+    # "tied": constant predictions rank nothing (0); "same_mos": nothing to rank; "small": under 3 rows.
+    assert within_group_srcc(pred, mos, groups) == (0.0, 1)
+    value, counted = within_group_srcc(pred[3:], mos[3:], groups[3:])
+    assert math.isnan(value) and counted == 0
+    with pytest.raises(ValueError, match="equal length"):
+        within_group_srcc(pred, mos, groups[:-1])
