@@ -55,6 +55,17 @@ def sharpness_scorer():
     return score_images
 
 
+def evaluate_quickly(dataset, score_images, out_dir, num_samples, **options):
+    """run_evaluation at temperature 1 with thinking and no bootstrap, unless options say otherwise."""
+    return run_evaluation(
+        dataset,
+        score_images,
+        out_dir,
+        num_samples=num_samples,
+        **{"temperature": 1.0, "thinking": True, "bootstrap": 0, **options},
+    )
+
+
 def test_run_evaluation_writes_csv_json_png(tmp_path, dataset):
     report = run_evaluation(
         dataset,
@@ -148,16 +159,7 @@ def test_out_of_range_samples_follow_the_rewards_policy(
     def score_images(images):
         return [[2.0, 4058.0] for _ in images]
 
-    report = run_evaluation(
-        dataset,
-        score_images,
-        tmp_path,
-        num_samples=2,
-        temperature=1.0,
-        thinking=True,
-        bootstrap=0,
-        out_of_range_policy=policy,
-    )
+    report = evaluate_quickly(dataset, score_images, tmp_path, 2, out_of_range_policy=policy)
     with open(tmp_path / "eval_predictions.csv") as stream:
         rows = list(csv.DictReader(stream))
     assert all(float(r["pred_mean"]) == pytest.approx(expected_mean) for r in rows)
@@ -187,16 +189,7 @@ def test_digit_distributions_add_the_expected_score_metrics(tmp_path, dataset):
             out.append(ImageSamples(scores, [tuple(probs), None, None]))
         return out
 
-    report = run_evaluation(
-        dataset,
-        score_images,
-        tmp_path,
-        num_samples=3,
-        temperature=1.0,
-        thinking=True,
-        bootstrap=0,
-        out_of_range_policy="clip",
-    )
+    report = evaluate_quickly(dataset, score_images, tmp_path, 3, out_of_range_policy="clip")
     expected = report["expected_score"]
     assert expected["samples_with_digit_probs"] == len(dataset)
     assert abs(report["overall"]["srcc"]) < 0.5
@@ -214,15 +207,7 @@ def test_digit_distributions_add_the_expected_score_metrics(tmp_path, dataset):
 
 
 def test_without_digit_distributions_the_report_has_no_expected_scores(tmp_path, dataset):
-    report = run_evaluation(
-        dataset,
-        sharpness_scorer(),
-        tmp_path,
-        num_samples=SAMPLES,
-        temperature=1.0,
-        thinking=True,
-        bootstrap=0,
-    )
+    report = evaluate_quickly(dataset, sharpness_scorer(), tmp_path, SAMPLES)
     assert "expected_score" not in report
     with open(tmp_path / "eval_predictions.csv") as stream:
         assert "pred_expected" not in csv.DictReader(stream).fieldnames
@@ -248,16 +233,7 @@ def test_srcc_within_reference_takes_each_photos_content_offset_out(tmp_path, da
             out.append(ImageSamples([score, score], [None, None]))
         return out
 
-    report = run_evaluation(
-        dataset,
-        score_images,
-        tmp_path,
-        num_samples=2,
-        temperature=1.0,
-        thinking=True,
-        bootstrap=0,
-        score_range=(0.0, 1000.0),
-    )
+    report = evaluate_quickly(dataset, score_images, tmp_path, 2, score_range=(0.0, 1000.0))
     assert len(refs) > 1 and report["overall"]["references_ranked"] == len(refs)
     assert report["overall"]["srcc_within_reference"] == pytest.approx(1.0)
     assert report["overall"]["srcc"] < 0.9
