@@ -13,6 +13,7 @@ was sampled, from vLLM's top-k log-probs at that position (`rewards.parsing.expe
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -45,6 +46,23 @@ PIXELS_PER_IMAGE_TOKEN = 28 * 28
 
 ImageInput = Image.Image | bytes | str | Path
 
+# vLLM's CPU worker replaces torch.set_num_threads with this warning once it has pinned its threads, and
+# with the in-process engine vLLM's own renderer then calls it twice on every multimodal request: about
+# 1,500 identical lines in a 30-step run, burying the log line of each step.
+THREAD_BINDING_WARNING = "CPU backend doesn't allow to use `torch.set_num_threads`"
+
+
+class _DropThreadBindingWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(THREAD_BINDING_WARNING)
+
+
+def quiet_cpu_thread_binding_warning() -> None:
+    """Drop THREAD_BINDING_WARNING from vLLM's CPU worker logger in this process (once)."""
+    logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _DropThreadBindingWarning) for f in logger.filters):
+        logger.addFilter(_DropThreadBindingWarning())
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -72,6 +90,7 @@ class RolloutEngine:
         import torch
         from vllm import LLM
 
+        quiet_cpu_thread_binding_warning()
         self.model_path = Path(model_path)
         self.model_cfg = model_cfg
         self.rollout_cfg = rollout_cfg

@@ -235,3 +235,30 @@ def test_partial_push_of_trainable_weights_keeps_the_others(engine, hf_model):
     engine.update_weights(serialize_buckets(trainable))
     for seed in (4, 5):
         assert_greedy_matches_transformers(engine, hf_model, noise_image(seed))
+
+
+def test_the_cpu_workers_thread_binding_warning_stays_out_of_the_log(engine):
+    """vLLM's CPU worker warns on every torch.set_num_threads call, which its renderer makes twice per
+    multimodal request; the engine filters exactly that line (other warnings of the logger pass)."""
+    import logging
+
+    from actor.rollout_engine import THREAD_BINDING_WARNING
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger, records = logging.getLogger("vllm.v1.worker.cpu_worker"), Records()
+    logger.addHandler(records)
+    try:
+        engine.generate([noise_image(5), noise_image(6)], 2, seed=0)
+        torch.set_num_threads(torch.get_num_threads())  # vLLM's replacement, called directly
+        logger.warning("another cpu worker warning")
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if m.startswith(THREAD_BINDING_WARNING)]
+    assert "another cpu worker warning" in records.messages
