@@ -50,18 +50,41 @@ ImageInput = Image.Image | bytes | str | Path
 # with the in-process engine vLLM's own renderer then calls it twice on every multimodal request: about
 # 1,500 identical lines in a 30-step run, burying the log line of each step.
 THREAD_BINDING_WARNING = "CPU backend doesn't allow to use `torch.set_num_threads`"
+# A weight push that leaves layers out (the frozen vision tower) makes vLLM's reload warn once per layer
+# it keeps as it was, without the layer's name, then once per push with the names of the weights not
+# pushed. The per-layer lines go (the named one says the same); the named one goes only when every name
+# is under a prefix the engine leaves out on purpose, so a weight that fails to land is still reported.
+LAYER_NOT_LOADED = "%s: Failed to load weights"
+WEIGHTS_NOT_LOADED = "Following weights were not loaded from checkpoint: %s"
+VISION_PREFIXES = ("visual.", "model.visual.")
 
 
-class _DropThreadBindingWarning(logging.Filter):
+class _DropExpectedWarnings(logging.Filter):
+    def __init__(self, skipped_prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.skipped_prefixes = skipped_prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == LAYER_NOT_LOADED:
+            return False
+        if record.msg == WEIGHTS_NOT_LOADED and self.skipped_prefixes:
+            names = record.args[0] if isinstance(record.args, tuple) and record.args else ()
+            return not (names and all(str(n).startswith(self.skipped_prefixes) for n in names))
         return not record.getMessage().startswith(THREAD_BINDING_WARNING)
 
 
-def quiet_cpu_thread_binding_warning() -> None:
-    """Drop THREAD_BINDING_WARNING from vLLM's CPU worker logger in this process (once)."""
-    logger = logging.getLogger("vllm.v1.worker.cpu_worker")
-    if not any(isinstance(f, _DropThreadBindingWarning) for f in logger.filters):
-        logger.addFilter(_DropThreadBindingWarning())
+def quiet_expected_vllm_warnings(skipped_prefixes: tuple[str, ...] = ()) -> None:
+    """Filter vLLM's warnings that this engine causes on purpose (see above) in this process;
+    skipped_prefixes: names of weights the pushes leave out. Replaces an earlier call's filter."""
+    for name in (
+        "vllm.v1.worker.cpu_worker",
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+    ):
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropExpectedWarnings)]:
+            logger.removeFilter(old)
+        logger.addFilter(_DropExpectedWarnings(skipped_prefixes))
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,7 @@ class RolloutEngine:
         import torch
         from vllm import LLM
 
-        quiet_cpu_thread_binding_warning()
+        quiet_expected_vllm_warnings(VISION_PREFIXES if model_cfg.freeze_vision else ())
         self.model_path = Path(model_path)
         self.model_cfg = model_cfg
         self.rollout_cfg = rollout_cfg

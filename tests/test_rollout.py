@@ -6,6 +6,9 @@ change its weights.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,16 @@ from cluster.runtime_env import apply_default_env
 
 apply_default_env()
 
-from actor.rollout_engine import DIGIT_TOP_K, VISION_SPECIAL_TOKENS, RolloutEngine  # noqa: E402
+from actor.rollout_engine import (  # noqa: E402
+    DIGIT_TOP_K,
+    LAYER_NOT_LOADED,
+    THREAD_BINDING_WARNING,
+    VISION_PREFIXES,
+    VISION_SPECIAL_TOKENS,
+    WEIGHTS_NOT_LOADED,
+    RolloutEngine,
+    quiet_expected_vllm_warnings,
+)
 from actor.weight_sync import serialize_buckets  # noqa: E402
 from configs.schema import ModelConfig, RolloutConfig  # noqa: E402
 from learner.grpo import token_logprobs  # noqa: E402
@@ -237,28 +249,63 @@ def test_partial_push_of_trainable_weights_keeps_the_others(engine, hf_model):
         assert_greedy_matches_transformers(engine, hf_model, noise_image(seed))
 
 
-def test_the_cpu_workers_thread_binding_warning_stays_out_of_the_log(engine):
-    """vLLM's CPU worker warns on every torch.set_num_threads call, which its renderer makes twice per
-    multimodal request; the engine filters exactly that line (other warnings of the logger pass)."""
-    import logging
-
-    from actor.rollout_engine import THREAD_BINDING_WARNING
+@contextlib.contextmanager
+def vllm_log(*names):
+    """The messages of the named vLLM loggers that pass their filters (a handler sees only those)."""
 
     class Records(logging.Handler):
         def __init__(self):
             super().__init__(logging.DEBUG)
-            self.messages = []
+            self.records = []
 
         def emit(self, record):
-            self.messages.append(record.getMessage())
+            self.records.append(record)
 
-    logger, records = logging.getLogger("vllm.v1.worker.cpu_worker"), Records()
-    logger.addHandler(records)
+    records = Records()
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(records)
     try:
+        yield records.records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+
+
+def test_the_cpu_workers_thread_binding_warning_stays_out_of_the_log(engine):
+    """vLLM's CPU worker warns on every torch.set_num_threads call, which its renderer makes twice per
+    multimodal request; the engine filters exactly that line (other warnings of the logger pass)."""
+    with vllm_log("vllm.v1.worker.cpu_worker") as records:
         engine.generate([noise_image(5), noise_image(6)], 2, seed=0)
         torch.set_num_threads(torch.get_num_threads())  # vLLM's replacement, called directly
-        logger.warning("another cpu worker warning")
+        logging.getLogger("vllm.v1.worker.cpu_worker").warning("another cpu worker warning")
+    messages = [r.getMessage() for r in records]
+    assert not [m for m in messages if m.startswith(THREAD_BINDING_WARNING)]
+    assert "another cpu worker warning" in messages
+
+
+def test_a_push_without_the_frozen_vision_tower_logs_nothing_but_a_missing_weight_is_named(engine, hf_model):
+    """With freeze_vision the pushes leave the vision tower out: vLLM's per-layer "Failed to load
+    weights" lines and its list of the vision weights not pushed are dropped. A language-model weight
+    left out of a push is still reported by name."""
+    loaders = (
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+    )
+    language = [(n, p) for n, p in hf_model.named_parameters() if "visual" not in n]
+    quiet_expected_vllm_warnings(VISION_PREFIXES)
+    try:
+        with vllm_log(*loaders) as records:
+            engine.update_weights(serialize_buckets(language))
+        assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+
+        final_norm = next(n for n, _ in language if n.endswith("norm.weight") and ".layers." not in n)
+        with vllm_log(*loaders) as records:
+            engine.update_weights(serialize_buckets([(n, p) for n, p in language if n != final_norm]))
+        missing = [r for r in records if r.msg == WEIGHTS_NOT_LOADED]
+        assert len(missing) == 1
+        names = missing[0].args[0]
+        assert any(name.endswith("norm.weight") and not name.startswith(VISION_PREFIXES) for name in names)
+        assert not [r for r in records if r.msg == LAYER_NOT_LOADED]
     finally:
-        logger.removeHandler(records)
-    assert not [m for m in records.messages if m.startswith(THREAD_BINDING_WARNING)]
-    assert "another cpu worker warning" in records.messages
+        quiet_expected_vllm_warnings()  # the module's engine was built without freeze_vision
