@@ -141,7 +141,9 @@ def format_table(summary: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for metric in metrics:
         s = summary[metric]
-        parts = [f"mean change over seeds {s['mean_change']:+.3f}"]
+        parts = []
+        if not math.isnan(s["mean_change"]):
+            parts.append(f"mean change over seeds {s['mean_change']:+.3f}")
         if not math.isnan(s["sd_change"]):
             parts[0] += f" (sd {s['sd_change']:.3f}); evaluation noise (sd of 'before') {s['sd_before']:.3f}"
         if not math.isnan(s["control_change"]):

@@ -63,6 +63,11 @@ def test_expected_score_metrics_are_reported_only_where_every_run_has_them():
     assert mixed["metrics"] == ["srcc", "plcc"] and "srcc_expected" not in mixed
 
 
+def test_control_alone_reports_its_change_and_no_seed_mean():
+    table = format_table(summarize({"control-seed-0": result(0.131, -0.026)}))
+    assert "SRCC: control change -0.157" in table and "nan" not in table
+
+
 def test_control_only_plan_is_the_permuted_label_run_alone():
     plan = dict(run_plan([3, 4], Path("/o"), control="only"))
     assert list(plan) == ["control-seed-3"] and "reward.permute_labels=true" in plan["control-seed-3"]
