@@ -71,7 +71,7 @@ TINT_CHECK = [
 Control = Literal["none", "also", "only"]
 
 
-def run_plan(seeds: list[int], out_root: Path, control: Control = "also") -> list[tuple[str, list[str]]]:
+def run_plan(seeds: list[int], out_root: Path, control: Control) -> list[tuple[str, list[str]]]:
     """(run name, overrides) per run: one per seed (unless control is "only"), then the control with the
     first seed (unless control is "none")."""
     runs = [] if control == "only" else [(f"seed-{seed}", seed, []) for seed in seeds]
@@ -144,8 +144,9 @@ def format_table(summary: dict) -> str:
         parts = []
         if not math.isnan(s["mean_change"]):
             parts.append(f"mean change over seeds {s['mean_change']:+.3f}")
-        if not math.isnan(s["sd_change"]):
-            parts[0] += f" (sd {s['sd_change']:.3f}); evaluation noise (sd of 'before') {s['sd_before']:.3f}"
+        if not math.isnan(s["sd_change"]):  # two or more seeds
+            parts[-1] += f" (sd {s['sd_change']:.3f})"
+            parts.append(f"evaluation noise (sd of 'before') {s['sd_before']:.3f}")
         if not math.isnan(s["control_change"]):
             parts.append(f"control change {s['control_change']:+.3f}")
         lines.append(f"\n{metric.upper()}: " + "; ".join(parts))

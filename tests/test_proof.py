@@ -43,7 +43,7 @@ def test_one_seed_has_no_spread_and_no_control_is_nan():
 
 
 def test_plan_runs_each_seed_then_the_permuted_label_control_in_its_own_folder():
-    plan = dict(run_plan([3, 4], Path("/o")))
+    plan = dict(run_plan([3, 4], Path("/o"), control="also"))
     assert list(plan) == ["seed-3", "seed-4", "control-seed-3"]
     assert "train.seed=4" in plan["seed-4"] and "reward.permute_labels=true" not in plan["seed-4"]
     assert "reward.permute_labels=true" in plan["control-seed-3"] and "train.seed=3" in plan["control-seed-3"]
