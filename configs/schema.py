@@ -60,6 +60,15 @@ class DatasetSpec(Section):
     image_dir: str | None = None
     # Direction of the raw label; null = the format's documented direction (see iqa/formats.py).
     higher_is_better: bool | None = None
+    # "builtin" only: crops per reference photo (1 = its centre square; more add seeded random zoomed
+    # crops, which stay in their photo's split): more content to train on from the same photos.
+    views: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        if self.views != 1 and self.format != "builtin":
+            raise ValueError(f"views applies to the builtin format only, not {self.format!r}")
+        return self
 
 
 class DataConfig(Section):

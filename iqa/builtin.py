@@ -122,25 +122,34 @@ def skimage_data_dir() -> Path:
     return Path(spec.origin).parent / "data"
 
 
-def reference_photo(path: Path, size: int) -> Image.Image:
-    """Centre-cropped to a square, resized to size x size, 8-bit RGB."""
+def reference_photo(path: Path, size: int, view: int = 0, seed: int = 0) -> Image.Image:
+    """Size x size, 8-bit RGB. View 0 is the photo's centre square; view k > 0 a seeded random square of
+    50-90% of the short side (never under `size` px where the photo allows, so no view is upscaled
+    blurry), mirrored half of the time: more content per photo for training, same photo for the split."""
     img = load_image(path)
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    square = img.crop((left, top, left + side, top + side))
-    return square.resize((size, size), Image.Resampling.LANCZOS)
+    short = min(img.size)
+    if view == 0:
+        side, left, top, mirror = short, (img.width - short) // 2, (img.height - short) // 2, False
+    else:
+        rng = np.random.default_rng([seed, view, *path.name.encode()])
+        side = max(min(size, short), round(short * rng.uniform(0.5, 0.9)))
+        left, top = int(rng.integers(0, img.width - side + 1)), int(rng.integers(0, img.height - side + 1))
+        mirror = bool(rng.integers(0, 2))
+    square = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    return square.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else square
 
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _parameters(size: int, seed: int, families: Sequence[str], levels: int) -> dict:
+def _parameters(size: int, seed: int, families: Sequence[str], levels: int, views: int) -> dict:
     return {
         "generator_version": GENERATOR_VERSION,
         "size": size,
         "seed": seed,
         "levels": levels,
+        "views": views,
         "families": {
             name: {
                 "strengths": DISTORTIONS[name].strengths(levels),
@@ -197,7 +206,7 @@ def build_cached_dataset(
 
 
 def _write_benchmark(folder: Path, parameters: dict) -> list[dict]:
-    size, seed, levels = parameters["size"], parameters["seed"], parameters["levels"]
+    size, seed, levels, views = (parameters[key] for key in ("size", "seed", "levels", "views"))
     families = list(parameters["families"])
     source_dir = skimage_data_dir()
     missing = [name for name in REFERENCE_PHOTOS if not (source_dir / name).is_file()]
@@ -206,20 +215,26 @@ def _write_benchmark(folder: Path, parameters: dict) -> list[dict]:
     (folder / "references").mkdir()
     (folder / "images").mkdir()
     files = []
-    for ref_index, photo in enumerate(tqdm(REFERENCE_PHOTOS, desc="builtin benchmark", unit="photo")):
+    photo_views = [
+        (ref_index, photo, view) for ref_index, photo in enumerate(REFERENCE_PHOTOS) for view in range(views)
+    ]
+    for ref_index, photo, view in tqdm(photo_views, desc="builtin benchmark", unit="view"):
         ref = Path(photo).stem
-        reference = reference_photo(source_dir / photo, size)
-        reference.save(folder / "references" / f"{ref}.png")
+        # View 0 keeps the names (and noise draws) that the benchmark had before it had views.
+        name = ref if view == 0 else f"{ref}-view{view}"
+        reference = reference_photo(source_dir / photo, size, view, seed)
+        reference.save(folder / "references" / f"{name}.png")
         for family_index, family in enumerate(families):
             distortion = DISTORTIONS[family]
             for level, strength in enumerate(distortion.strengths(levels), start=1):
-                rng = np.random.default_rng([seed, ref_index, family_index, level])
-                relpath = f"images/{ref}_{family}_{level}.png"
+                rng = np.random.default_rng([seed, ref_index, family_index, level] + ([view] if view else []))
+                relpath = f"images/{name}_{family}_{level}.png"
                 distortion.apply(reference, strength, rng).save(folder / relpath)
                 files.append(
                     {
                         "file": relpath,
                         "ref": ref,
+                        "view": view,
                         "family": family,
                         "level": level,
                         "strength": strength,
@@ -236,8 +251,10 @@ def build_builtin_benchmark(
     seed: int = 0,
     families: Sequence[str] = DEFAULT_FAMILIES,
     levels: int = DEFAULT_LEVELS,
+    views: int = 1,
 ) -> Path:
-    """The benchmark's folder (with `manifest.json`), generated now if missing or stale."""
+    """The benchmark's folder (with `manifest.json`), generated now if missing or stale. Each reference
+    photo gives `views` crops (see reference_photo), all with the photo's name as their `ref`."""
     unknown = [name for name in families if name not in DISTORTIONS]
     if unknown or not families:
         raise ValueError(f"unknown distortion families {unknown}; known: {', '.join(DISTORTIONS)}")
@@ -245,12 +262,14 @@ def build_builtin_benchmark(
         raise ValueError(f"distortion families listed twice: {list(families)}")
     if levels < 2:
         raise ValueError(f"the built-in benchmark needs at least 2 levels per family, got {levels}")
-    parameters = _parameters(size, seed, families, levels)
+    if views < 1:
+        raise ValueError(f"the built-in benchmark needs at least 1 view per photo, got {views}")
+    parameters = _parameters(size, seed, families, levels, views)
     return build_cached_dataset(
         cache_dir, "builtin", MOS_FORMULA, parameters, lambda folder: _write_benchmark(folder, parameters)
     )
 
 
 def read_manifest(folder: Path) -> list[dict]:
-    """The manifest's file entries (file, ref, family, level, strength, mos, sha256)."""
+    """The manifest's file entries (file, ref, view, family, level, strength, mos, sha256)."""
     return json.loads((folder / MANIFEST).read_text())["files"]

@@ -405,6 +405,7 @@ def read_builtin(spec: DatasetSpec, data: DataConfig) -> LabelTable:
             data.builtin_seed,
             data.builtin_families,
             data.builtin_levels,
+            spec.views,
         )
     )
 

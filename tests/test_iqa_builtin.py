@@ -96,3 +96,41 @@ def test_builtin_format_loads_and_splits_by_reference(tmp_path):
     refs = [set(part["ref"]) for part in splits.values()]
     assert not (refs[0] & refs[1] or refs[0] & refs[2] or refs[1] & refs[2])
     assert [len(r) for r in refs] == [10, 3, 3]
+
+
+def test_views_add_crops_of_each_photo_and_keep_the_centre_view_unchanged(tmp_path, benchmark):
+    folder = build_builtin_benchmark(tmp_path, seed=0, views=3, **SMALL)
+    entries = read_manifest(folder)
+    assert len(entries) == 3 * len(read_manifest(benchmark))
+    centre = {e["file"]: e["sha256"] for e in entries if e["view"] == 0}
+    assert centre == {e["file"]: e["sha256"] for e in read_manifest(benchmark)}
+    for photo in REFERENCE_PHOTOS:
+        ref = photo.rsplit(".", 1)[0]
+        names = [ref, f"{ref}-view1", f"{ref}-view2"]
+        crops = [np.asarray(Image.open(folder / "references" / f"{name}.png")) for name in names]
+        assert all(crop.shape == (32, 32, 3) for crop in crops)
+        assert not np.array_equal(crops[0], crops[1]) and not np.array_equal(crops[1], crops[2]), ref
+        assert {e["ref"] for e in entries if e["file"].startswith(f"images/{ref}-view")} == {ref}
+    with pytest.raises(ValueError, match="at least 1 view"):
+        build_builtin_benchmark(tmp_path, views=0)
+
+
+def test_a_photos_views_fall_in_the_split_of_its_centre_view(tmp_path):
+    data = DataConfig(
+        cache_dir=str(tmp_path), builtin_size=28, builtin_levels=2, builtin_families=["blur", "noise"]
+    )
+    one, _ = load_dataset_spec(DatasetSpec(format="builtin"), data=data, progress=False)
+    four, _ = load_dataset_spec(DatasetSpec(format="builtin", views=4), data=data, progress=False)
+    assert len(four) == 4 * len(one)
+    splits_one = split_by_reference(one, data.split_ratios, data.split_seed)
+    splits_four = split_by_reference(four, data.split_ratios, data.split_seed)
+    for split in splits_one:
+        assert set(splits_four[split]["ref"]) == set(splits_one[split]["ref"])
+        assert len(splits_four[split]) == 4 * len(splits_one[split])
+
+
+def test_views_are_rejected_for_other_formats():
+    with pytest.raises(ValueError, match="views applies to the builtin format only"):
+        DatasetSpec(format="koniq10k", path="x", views=2)
+    with pytest.raises(ValueError):
+        DatasetSpec(format="builtin", views=0)
