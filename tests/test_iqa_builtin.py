@@ -20,6 +20,12 @@ from iqa.splits import split_by_reference  # noqa: E402
 SMALL = {"size": 32, "families": ("blur", "noise", "jpeg", "contrast", "pixelate"), "levels": 3}
 
 
+def small_data_config(cache_dir) -> DataConfig:
+    return DataConfig(
+        cache_dir=str(cache_dir), builtin_size=28, builtin_levels=2, builtin_families=["blur", "noise"]
+    )
+
+
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
     return build_builtin_benchmark(tmp_path_factory.mktemp("cache"), seed=0, **SMALL)
@@ -86,9 +92,7 @@ def test_bad_parameters_are_rejected(tmp_path):
 
 
 def test_builtin_format_loads_and_splits_by_reference(tmp_path):
-    data = DataConfig(
-        cache_dir=str(tmp_path), builtin_size=28, builtin_levels=2, builtin_families=["blur", "noise"]
-    )
+    data = small_data_config(tmp_path)
     ds, report = load_dataset_spec(DatasetSpec(format="builtin"), data=data, progress=False)
     assert len(ds) == len(REFERENCE_PHOTOS) * 2 * 2 and not report.bad
     assert set(ds["dataset"]) == {"builtin"} and ds["mos"] == ds["mos_raw"]
@@ -116,9 +120,7 @@ def test_views_add_crops_of_each_photo_and_keep_the_centre_view_unchanged(tmp_pa
 
 
 def test_a_photos_views_fall_in_the_split_of_its_centre_view(tmp_path):
-    data = DataConfig(
-        cache_dir=str(tmp_path), builtin_size=28, builtin_levels=2, builtin_families=["blur", "noise"]
-    )
+    data = small_data_config(tmp_path)
     one, _ = load_dataset_spec(DatasetSpec(format="builtin"), data=data, progress=False)
     four, _ = load_dataset_spec(DatasetSpec(format="builtin", views=4), data=data, progress=False)
     assert len(four) == 4 * len(one)
