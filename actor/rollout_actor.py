@@ -28,10 +28,17 @@ class RolloutWorker:
         temperature: float | None = None,
         thinking: bool | None = None,
         seed: int | None = None,
+        stream_apart: int | None = None,
         digit_probs: bool = False,
     ):
         return self.engine.generate(
-            images, n, temperature=temperature, thinking=thinking, seed=seed, digit_probs=digit_probs
+            images,
+            n,
+            temperature=temperature,
+            thinking=thinking,
+            seed=seed,
+            stream_apart=stream_apart,
+            digit_probs=digit_probs,
         )
 
     def update_weights(self, buckets: list[bytes]) -> int:

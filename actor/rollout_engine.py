@@ -13,6 +13,7 @@ was sampled, from vLLM's top-k log-probs at that position (`rewards.parsing.expe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -106,6 +107,29 @@ class ImageRollout:
     completions: list[Completion] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _apart_from_engine_stream(seed: int):
+    """Run the block on torch's default generators reseeded with `seed`, then put them back.
+
+    vLLM samples unseeded requests from the default torch generator of the process that runs the model
+    (its sampler's q.exponential_()). In the in-process engine that is this process, so saving and
+    restoring the generator state keeps a side call (an evaluation) out of the rollouts' stream. Seeded
+    requests are no way out here: vLLM 0.32's CPU runner fails on large seeded batches ("CPU Generator
+    does not use offset"). The multiprocess engine (GPU presets) gets per-request seeds instead.
+    """
+    import torch
+
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
 class RolloutEngine:
     def __init__(self, model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
         # Read by vLLM when the engine is created; in-process start-up is ~20 s faster on the CPU.
@@ -184,6 +208,7 @@ class RolloutEngine:
         temperature: float | None = None,
         thinking: bool | None = None,
         seed: int | None = None,
+        stream_apart: int | None = None,
         digit_probs: bool = False,
     ) -> list[ImageRollout]:
         """n completions for each image, in the order of `images`.
@@ -194,6 +219,9 @@ class RolloutEngine:
         seed=None draws from the engine's generator (seeded once by rollout.seed, so successive calls
         differ); an int makes the call reproducible: sample k of image i uses seed + i * n + k (vLLM seeds
         the k-th child request with seed + k), so no two samples of the call share a random stream.
+        stream_apart=int draws the call from a stream of its own, seeded with that int, and leaves the
+        engine's generator where it was, so an evaluation does not change the training samples after
+        it; see _apart_from_engine_stream.
         digit_probs=True fills Completion.digit_probs (top-k log-probs at every position: evaluation only).
         """
         if n < 1:
@@ -208,12 +236,21 @@ class RolloutEngine:
             }
             for image in images
         ]
+        if seed is not None and stream_apart is not None:
+            raise ValueError("give seed or stream_apart, not both")
+        in_process = self.rollout_cfg.in_process_engine
+        if stream_apart is not None and not in_process:
+            seed = stream_apart  # per-request seeds: sampled from their own generators in the engine core
         top_logprobs = DIGIT_TOP_K if digit_probs else 0
         params = [
             self.sampling_params(n, temperature, None if seed is None else seed + i * n, top_logprobs)
             for i in range(len(images))
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if stream_apart is None or not in_process:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        else:
+            with _apart_from_engine_stream(stream_apart):
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [self._to_rollout(output, digit_probs) for output in outputs]
 
     def _to_rollout(self, output, with_digit_probs: bool) -> ImageRollout:

@@ -31,14 +31,19 @@ def run_eval_command(args) -> int:
     _, eval_split, _ = load_data(config)
     engine = RolloutEngine(model_path, config.model, config.rollout)
 
+    scored = 0  # images scored so far: each image gets its own seeds, as in cluster.train.evaluate
+
     def score_images(images) -> list:
+        nonlocal scored
         rollouts = engine.generate(
             images,
             config.eval.num_samples,
             temperature=config.eval.temperature,
             thinking=config.eval.thinking,
+            stream_apart=config.eval.seed + scored * config.eval.num_samples,
             digit_probs=True,
         )
+        scored += len(images)
         return rollout_scores(rollouts)
 
     tracker = Tracker(

@@ -340,17 +340,24 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
     """Score the held-out split through the rollout workers (the current policy) and log the metrics;
     returns the metrics over all its images (srcc, plcc, ..., parse_failure_rate)."""
 
+    scored = 0  # images of this evaluation scored so far
+
     def score_images(images) -> list:
+        nonlocal scored
         shards = shard(list(images), len(system.rollout_workers))
+        starts = scored + np.cumsum([0] + [len(part) for part in shards])
+        scored += len(images)
         refs = [
             worker.generate.remote(
                 part,
                 config.eval.num_samples,
                 temperature=config.eval.temperature,
                 thinking=config.eval.thinking,
+                # Each image of the evaluation gets its own seeds, whichever call and worker score it.
+                stream_apart=config.eval.seed + int(start) * config.eval.num_samples,
                 digit_probs=True,
             )
-            for worker, part in zip(system.rollout_workers, shards, strict=True)
+            for worker, part, start in zip(system.rollout_workers, shards, starts, strict=False)
             if part
         ]
         per_worker = wait(refs, config, f"evaluation ({label})", step, "rollout workers")

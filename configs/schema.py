@@ -236,6 +236,10 @@ class EvalConfig(Section):
     num_samples: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     thinking: bool = True
+    # Evaluations sample from a stream of their own, seeded with this at every evaluation: they leave
+    # the rollouts' random stream alone (a run's training is the same with or without them), and every
+    # evaluation of a run draws alike, so before and after differ by the weights.
+    seed: int = 0
     max_images: int | None = Field(None, ge=1)
     bootstrap: int = Field(1000, ge=0)
 

@@ -171,6 +171,31 @@ def test_group_sampling_counts_grouping_and_parse_flags(engine):
     assert [c.token_ids for c in again[0].completions] == [c.token_ids for c in rollouts[0].completions]
 
 
+def test_a_call_on_a_stream_apart_leaves_the_engines_stream_alone(engine):
+    """An evaluation between two training generations must not change the second one: the in-process
+    engine samples from this process's default torch generator, and stream_apart puts it back."""
+    images = [noise_image(30), noise_image(31)]
+    start = torch.get_rng_state()
+    undisturbed = engine.generate(images, 4, temperature=1.0)
+    torch.set_rng_state(start)
+    side = engine.generate(images, 4, temperature=0.5, stream_apart=11)
+    after_side_call = engine.generate(images, 4, temperature=1.0)
+    assert tokens(after_side_call) == tokens(undisturbed)
+    # The side stream is seeded: the same seed draws the same samples, another seed others.
+    assert tokens(engine.generate(images, 4, temperature=0.5, stream_apart=11)) == tokens(side)
+    assert tokens(engine.generate(images, 4, temperature=0.5, stream_apart=12)) != tokens(side)
+    # Without it, the same side call moves the stream (the test would catch a no-op).
+    torch.set_rng_state(start)
+    engine.generate(images, 4, temperature=0.5)
+    assert tokens(engine.generate(images, 4, temperature=1.0)) != tokens(undisturbed)
+    with pytest.raises(ValueError, match="not both"):
+        engine.generate(images, 1, seed=0, stream_apart=0)
+
+
+def tokens(rollouts) -> list:
+    return [[c.token_ids for c in rollout.completions] for rollout in rollouts]
+
+
 def test_digit_probs_are_the_models_distribution_at_the_scores_leading_digit(engine, hf_model):
     images = [noise_image(20), noise_image(21)]
     rollouts = engine.generate(images, 16, temperature=1.0, seed=7, digit_probs=True)

@@ -168,3 +168,22 @@ def stop_processes_of(temp_dir: Path) -> None:
     for process in alive:
         process.kill()
     assert ours, "found no process of the Ray head this test started"
+
+
+def test_evaluations_between_steps_leave_the_training_samples_alone(first_run, tmp_path, tiny_overrides):
+    """Evaluations draw from a stream of their own (eval.seed): the same run evaluating after every step
+    trains on the very samples of the first run, which evaluates before and after only."""
+    _, config, first = first_run
+    overrides = tiny_overrides(
+        tmp_path, 3, "checkpoint.every=1", "train.verify_weight_sync=true", "eval.every=1"
+    )
+    subprocess.run(
+        [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides], cwd=ROOT, check=True
+    )
+    evaluated = json.loads((tmp_path / "out" / "result.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logged = mlflow.tracking.MlflowClient(uri).get_run(evaluated["mlflow_run_id"]).data.metrics
+    assert "eval_step1/srcc" in logged and "eval_step2/srcc" in logged
+    for key in ("reward/total_mean", "score/spread_within_image", "response/length_mean", "learner/loss"):
+        alone = [m.value for m in metric_history(config.tracking.tracking_uri, first["mlflow_run_id"], key)]
+        assert [m.value for m in metric_history(uri, evaluated["mlflow_run_id"], key)] == alone, key
