@@ -46,6 +46,8 @@ def test_plan_runs_each_seed_then_the_permuted_label_control_in_its_own_folder()
     plan = dict(run_plan([3, 4], Path("/o"), control="also"))
     assert list(plan) == ["seed-3", "seed-4", "control-seed-3"]
     assert "train.seed=4" in plan["seed-4"] and "reward.permute_labels=true" not in plan["seed-4"]
+    # Each seed draws its own evaluation samples (the seeds' "before" measure the evaluation's noise).
+    assert {"rollout.seed=4", "eval.seed=4"} <= set(plan["seed-4"])
     assert "reward.permute_labels=true" in plan["control-seed-3"] and "train.seed=3" in plan["control-seed-3"]
     assert "train.output_dir=/o/control-seed-3" in plan["control-seed-3"]
 
