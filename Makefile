@@ -38,17 +38,17 @@ train: setup
 	$(PY) -m cluster.train --config $(PRESET) $(ARGS)
 
 # The learning proof (issue 8): cluster.proof.BENCHMARK on the preset, seed 0 (SEEDS="0 1 2" for more);
-# held-out SRCC / PLCC before and after (~22 min a run on 2 cores).
+# held-out SRCC / PLCC before and after (~20 min a run on 2 cores).
 SEEDS ?= 0
 proof: setup
 	$(PY) -m cluster.proof --config $(PRESET) --seeds $(SEEDS) $(ARGS)
 
 # The learning control: make proof's run with the MOS labels permuted within each dataset in the reward;
-# held-out SRCC must not gain beyond evaluation noise (~22 min).
+# held-out SRCC must not gain beyond evaluation noise (~20 min).
 ablation: setup
 	$(PY) -m cluster.proof --config $(PRESET) --control only $(ARGS)
 
-# Seeds 0, 1, 2 and the control, with the mean and spread of the gains (4 runs, ~1 h 30 min).
+# Seeds 0, 1, 2 and the control, with the mean and spread of the gains (4 runs, ~1 h 20 min).
 proof-all: setup
 	$(PY) -m cluster.proof --config $(PRESET) --seeds 0 1 2 --control also $(ARGS)
 

@@ -345,7 +345,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
     def score_images(images) -> list:
         nonlocal scored
         shards = shard(list(images), len(system.rollout_workers))
-        starts = scored + np.cumsum([0] + [len(part) for part in shards])
+        starts = scored + np.cumsum([0] + [len(part) for part in shards[:-1]])
         scored += len(images)
         refs = [
             worker.generate.remote(
@@ -357,7 +357,7 @@ def evaluate(system: System, config, eval_split, tracker, label: str, step: int)
                 stream_apart=config.eval.seed + int(start) * config.eval.num_samples,
                 digit_probs=True,
             )
-            for worker, part, start in zip(system.rollout_workers, shards, starts, strict=False)
+            for worker, part, start in zip(system.rollout_workers, shards, starts, strict=True)
             if part
         ]
         per_worker = wait(refs, config, f"evaluation ({label})", step, "rollout workers")
