@@ -10,9 +10,10 @@ from configs.schema import ModelConfig, PlacementConfig, RolloutConfig
 class RolloutWorker:
     def __init__(self, model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
         # A Ray worker is a fresh process: offline/loopback settings must precede the vLLM import.
-        from cluster.runtime_env import apply_default_env
+        from configs.runtime_env import apply_default_env, route_logs_from_env
 
         apply_default_env()
+        route_logs_from_env()
         from actor.rollout_engine import RolloutEngine
 
         self.engine = RolloutEngine(model_path, model_cfg, rollout_cfg)
@@ -41,13 +42,16 @@ class RolloutWorker:
             digit_probs=digit_probs,
         )
 
-    def update_weights(self, buckets: list[bytes]) -> int:
-        return self.engine.update_weights(buckets)
+    def update_weights(self, bucket_refs: list) -> int:
+        """Load the learner's weight buckets (object references owned by learner rank 0)."""
+        import ray
+
+        return self.engine.update_weights(ray.get(bucket_refs))
 
     def weight_version(self) -> int:
         return self.engine.weight_version
 
-    # GPU weight transfer (actor.weight_sync.RolloutWorkersClient calls these).
+    # GPU weight transfer (vlm.weight_sync.RolloutWorkersClient calls these).
     def init_weight_transfer(self, init_info: dict) -> None:
         self.engine.init_weight_transfer(init_info)
 

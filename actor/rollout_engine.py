@@ -1,7 +1,7 @@
 """G sampled completions per image from a vLLM engine, and weight pushes into that engine.
 
 The same code runs on the CPU build of vLLM and on CUDA. Each image is passed to vLLM once with the
-text prompt of `actor.prompts.build_prompt_text` (vLLM expands the image placeholder itself, exactly
+text prompt of `vlm.prompts.build_prompt_text` (vLLM expands the image placeholder itself, exactly
 once) and `SamplingParams(n=G)`, so images are never copied G times. Image bounds (min/max pixels) are
 the learner's, so vLLM's prompt token ids equal the learner's processor output.
 
@@ -20,32 +20,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from actor.prompts import build_prompt_text
-from actor.weight_sync import WORKER_EXTENSION, engine_weight_transfer_config
 from configs.schema import ModelConfig, RolloutConfig
-from iqa.images import load_image
-from learner.model_factory import load_processor, token_id
+from iqa.images import ImageInput, load_image
 from rewards.parsing import extract_score, score_digit_offset
+from vlm.factory import load_processor
+from vlm.prompts import build_prompt_text
+from vlm.tokens import STOP_TOKENS, VISION_SPECIAL_TOKENS, token_id
+from vlm.weight_sync import WORKER_EXTENSION, engine_weight_transfer_config
 
-# Sampled, these desynchronise image features and placeholder tokens in the learner's forward.
-VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# End of turn, and end of text (Qwen's generation_config stops on both too).
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # Top log-probs vLLM returns per position when digit distributions are asked for; digits outside count 0.
 DIGIT_TOP_K = 20
 # One merged vision token covers a 28x28 pixel patch (patch 14, spatial merge 2).
 PIXELS_PER_IMAGE_TOKEN = 28 * 28
 
-
-ImageInput = Image.Image | bytes | str | Path
 
 # vLLM's CPU worker replaces torch.set_num_threads with this warning once it has pinned its threads, and
 # with the in-process engine vLLM's own renderer then calls it twice on every multimodal request: about
@@ -232,7 +219,7 @@ class RolloutEngine:
         requests = [
             {
                 "prompt": prompt,
-                "multi_modal_data": {"image": image if isinstance(image, Image.Image) else load_image(image)},
+                "multi_modal_data": {"image": load_image(image)},
             }
             for image in images
         ]
@@ -313,7 +300,7 @@ class RolloutEngine:
     # --- weights ---------------------------------------------------------------------------------
 
     def update_weights(self, buckets: list[bytes]) -> int:
-        """Load safetensors buckets (actor.weight_sync.serialize_buckets) into every worker; returns the new version."""
+        """Load safetensors buckets (vlm.weight_sync.serialize_buckets) into every worker; returns the new version."""
         loaded = self.llm.collective_rpc("load_weight_buckets", args=(buckets,))
         if not all(count > 0 for count in loaded):
             raise RuntimeError(f"weight push loaded no tensors on some worker (per-worker counts {loaded})")
@@ -327,7 +314,7 @@ class RolloutEngine:
         self.weight_version += 1
         return self.weight_version
 
-    # GPU path (actor.weight_sync.NcclWeightSender drives these through the Ray actor).
+    # GPU path (vlm.weight_sync.NcclWeightSender drives these through the Ray actor).
     def init_weight_transfer(self, init_info: dict) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from cluster.runtime_env import apply_default_env
+    from configs.runtime_env import apply_default_env
 
     apply_default_env()
     main(sys.argv[1:])

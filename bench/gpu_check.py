@@ -29,12 +29,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from actor.prompts import build_prompt_text
-from actor.weight_sync import iterate_buckets
 from configs.schema import LearnerConfig, ModelConfig
 from learner.learner_actor import LearnerWorker, free_port
-from learner.model_factory import build_checkpoint, load_processor
 from learner.policy import PolicySample, load_policy_model, sequence_logprobs
+from vlm.factory import build_checkpoint, load_processor
+from vlm.prompts import build_prompt_text
+from vlm.weight_sync import iterate_buckets
 
 MIN_PIXELS, MAX_PIXELS = 3136, 12544
 GPU_MODEL = ModelConfig(
@@ -105,7 +105,7 @@ def check_stage(zero_stage: int, cache: Path) -> dict:
 
     steps = [train_step(worker, samples, advantages) for _ in range(3)]
     after = worker.logprobs(samples)
-    pushed = dict(iterate_buckets(worker.weight_buckets(1 << 20)))
+    pushed = dict(iterate_buckets(worker.serialized_weights(1 << 20)))
     initial = load_file(str(checkpoint / "model.safetensors"))  # under the same checkpoint names
     trainable = sum(1 for p in worker.engine.module.parameters() if p.requires_grad)
     moved = sum(1 for name, t in pushed.items() if not torch.equal(t.float(), initial[name].float()))

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 
 def bench_images(count: int):
@@ -56,7 +56,7 @@ def hf_generate_tokens(
     """One batched transformers generate under the engine's sampling rules; returns tokens generated."""
     import torch
 
-    from actor.prompts import build_prompt_text
+    from vlm.prompts import build_prompt_text
 
     processor.tokenizer.padding_side = "left"
     prompt = build_prompt_text(processor, thinking=True)
@@ -96,9 +96,9 @@ def bench_preset(preset: str, args, images) -> dict:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from actor.rollout_engine import RolloutEngine
-    from actor.weight_sync import serialize_buckets
     from configs.schema import ModelConfig, RolloutConfig
-    from learner.model_factory import build_checkpoint, load_processor
+    from vlm.factory import build_checkpoint, load_processor
+    from vlm.weight_sync import serialize_buckets
 
     path = build_checkpoint(preset, args.cache_dir)
     model_cfg = ModelConfig(preset=preset, dtype=args.dtype)

@@ -9,18 +9,17 @@ import os
 import platform
 from pathlib import Path
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 # Section name -> module with a main() that prints its table and returns its rows.
 SECTIONS = {
     "fidelity": "bench.fidelity",
-    "reward_signal": "bench.reward_signal",
     "rollout": "bench.rollout",
     "step": "bench.step",
     # Our step against TRL's GRPOTrainer (~30 min; needs `bash bench/setup_trl_venv.sh` first).
     "compare": "bench.compare",
 }
-DEFAULT_SECTIONS = ["fidelity", "reward_signal", "rollout", "step"]
+DEFAULT_SECTIONS = ["fidelity", "rollout", "step"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -148,7 +148,7 @@ def gradient_bytes_of(config) -> int:
     """Gradient bytes to exchange: the checkpoint's weight bytes (cpu-default trains every weight, in fp32)."""
     from pathlib import Path
 
-    from learner.model_factory import resolve_model_path
+    from vlm.factory import resolve_model_path
 
     folder = resolve_model_path(config.model, Path(config.data.cache_dir) / "models")
     return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
@@ -209,7 +209,7 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    from cluster.runtime_env import apply_default_env
+    from configs.runtime_env import apply_default_env
 
     apply_default_env()
     main()

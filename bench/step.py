@@ -23,6 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from cluster.tracking import metric_histories
 from configs.load import load_config
 from configs.schema import Config
 
@@ -58,14 +59,6 @@ def bench_config(workdir: Path, steps: int = WARMUP_STEPS + MEASURED_STEPS, over
             *overrides,
         ],
     )
-
-
-def metric_histories(tracking_uri: str, run_id: str, names: tuple[str, ...] = METRICS) -> dict[str, list]:
-    """The run's history of each metric in `names`, as MLflow Metric lists in step order."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    return {name: sorted(client.get_metric_history(run_id, name), key=lambda m: m.step) for name in names}
 
 
 def summarise_run(histories: dict[str, list], warmup_steps: int) -> dict:
@@ -109,7 +102,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="vqr1-bench-step-") as workdir:
         config = bench_config(Path(workdir), warmup_steps + measured_steps, overrides)
         result = run(config)
-        histories = metric_histories(config.tracking.tracking_uri, result["mlflow_run_id"])
+        histories = metric_histories(config.tracking.tracking_uri, result["mlflow_run_id"], METRICS)
     return {
         "rollout_workers": config.rollout.num_workers,
         "learners": config.learner.num_workers,
@@ -154,7 +147,7 @@ def main(overrides: tuple = ()) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from cluster.runtime_env import apply_default_env
+    from configs.runtime_env import apply_default_env
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

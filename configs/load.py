@@ -70,20 +70,45 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def deep_merge(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys laid over it, section by section."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = (
+            deep_merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
+    return merged
+
+
+def read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A preset's tree; a top-level `base: <preset>` starts it from that preset's tree (recursively)."""
+    if path in seen:
+        raise ConfigError(f"{path}: its `base` chain loops back to itself ({' -> '.join(map(str, seen))})")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    tree = loaded or {}
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name a preset, got {base!r}")
+    return deep_merge(read_preset(resolve_preset(base), (*seen, path)), tree)
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML preset <- overrides, validated as one `Config`."""
+    """Defaults <- YAML preset (over its `base` preset, if it names one) <- overrides, validated as one `Config`."""
     tree: dict = {}
     source = "defaults"
     if preset is not None:
         path = resolve_preset(preset)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded or {}
+        tree = read_preset(path)
     for item in overrides:
         keys, value = parse_override(item)
         apply_override(tree, keys, value, f"override {item!r}")

@@ -8,6 +8,7 @@ overrides is in `configs.load`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,7 +19,7 @@ class Section(BaseModel):
 
 
 class ColdStartConfig(Section):
-    # The format cold start (learner.base_model) re-run on top of the starting checkpoint before
+    # The format cold start (models.base_model) re-run on top of the starting checkpoint before
     # training, on the run's built-in training references, cached: random scores, independent of the
     # image, as `score_decimals`-decimal numbers (0: one token, what a tiny model needs to learn).
     steps: int = Field(150, ge=1)
@@ -86,6 +87,11 @@ class DataConfig(Section):
     )
     builtin_levels: int = Field(5, ge=2)
     cache_dir: str = ".cache/vqr1"
+
+    @property
+    def models_cache_dir(self) -> Path:
+        """Where locally built models (preset checkpoints, a run's cold start) are cached."""
+        return Path(self.cache_dir) / "models"
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from tqdm import tqdm
 
+from iqa.folders import build_folder
 from iqa.images import load_image
 
 MANIFEST = "manifest.json"
@@ -190,19 +190,14 @@ def build_cached_dataset(
     (each with "file" and "sha256")."""
     key = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(cache_dir) / f"{name}-{parameters['size']}px-seed{parameters['seed']}-{key}"
-    if _is_fresh(folder, parameters):
-        return folder
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    files = write_files(staging)
-    (staging / MANIFEST).write_text(
-        json.dumps({"formula": formula, "parameters": parameters, "files": files}, indent=1)
-    )
-    # Replace the old folder only once the new one is complete, so an interrupted run leaves no half cache.
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
+
+    def write(staging: Path) -> None:
+        files = write_files(staging)
+        (staging / MANIFEST).write_text(
+            json.dumps({"formula": formula, "parameters": parameters, "files": files}, indent=1)
+        )
+
+    return build_folder(folder, write, lambda path: _is_fresh(path, parameters))
 
 
 def _write_benchmark(folder: Path, parameters: dict) -> list[dict]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,34 +100,14 @@ def _json_safe(value):
     return value
 
 
-def _metric_key(*parts: str) -> str:
-    # MLflow allows only letters, digits, _ - . / and space in metric names.
-    return "/".join(re.sub(r"[^\w\-. ]", "_", part) for part in parts)
-
-
-def _log_to_mlflow(mlflow_run, prefix: str, report: dict, files: list[Path], step: int | None) -> None:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    run_id = mlflow_run if isinstance(mlflow_run, str) else mlflow_run.info.run_id
-    values = {
-        "images": report["n_images"],
-        "images_all_failed": report["images_all_failed"],
-        "sample_parse_failure_rate": report["sample_parse_failure_rate"],
-    }
-    metrics = [Metric(_metric_key(prefix, k), float(v), 0, step or 0) for k, v in values.items()]
-    groups = {"": report["overall"], **({} if len(report["per_dataset"]) == 1 else report["per_dataset"])}
-    if "expected_score" in report:
-        groups["expected"] = report["expected_score"]["overall"]
-    for group, result in groups.items():
-        for key, value in result.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                name = _metric_key(prefix, group, key) if group else _metric_key(prefix, key)
-                metrics.append(Metric(name, float(value), 0, step or 0))
-    client = MlflowClient()
-    client.log_batch(run_id, metrics=metrics)
-    for path in files:
-        client.log_artifact(run_id, str(path), artifact_path=prefix)
+def output_files(out_dir: str | Path, prefix: str) -> list[Path]:
+    """The predictions CSV, metrics JSON and scatter plot that run_evaluation writes."""
+    out_dir = Path(out_dir)
+    return [
+        out_dir / f"{prefix}_predictions.csv",
+        out_dir / f"{prefix}_metrics.json",
+        out_dir / f"{prefix}_scatter.png",
+    ]
 
 
 def run_evaluation(
@@ -139,7 +118,6 @@ def run_evaluation(
     num_samples: int,
     temperature: float,
     thinking: bool,
-    mlflow_run=None,
     prefix: str = "eval",
     step: int | None = None,
     chunk_size: int = 16,
@@ -152,9 +130,8 @@ def run_evaluation(
     """Score every row of `dataset` (columns id, image, mos, dataset) and write/log the results.
 
     `num_samples`, `temperature`, `thinking` (and any further `decoding` settings) are recorded in the
-    JSON; each image must get exactly `num_samples` entries from `score_images`. `mlflow_run` is an
-    MLflow run (or run id) to log metrics (`<prefix>/srcc`, `<prefix>/<dataset>/srcc`, ...) at `step` and
-    the files under the artifact folder `<prefix>`. Returns the content of the metrics JSON.
+    JSON; each image must get exactly `num_samples` entries from `score_images`. Writes `output_files`
+    and returns the content of the metrics JSON (cluster.tracking.Tracker.log_evaluation logs it).
     """
     missing = [c for c in ("id", "image", "mos", "dataset") if c not in dataset.column_names]
     if missing:
@@ -254,7 +231,7 @@ def run_evaluation(
                 pred_expected, mos, refs
             )[0]
 
-    csv_path = out_dir / f"{prefix}_predictions.csv"
+    csv_path, json_path, plot_path = output_files(out_dir, prefix)
     with open(csv_path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(
@@ -265,15 +242,12 @@ def run_evaluation(
             *columns, summary, samples, expected_value = row
             extra = [expected_value] if with_digits else []
             writer.writerow([*columns, *summary, json.dumps(_json_safe(list(samples.scores))), *extra])
-    json_path = out_dir / f"{prefix}_metrics.json"
     json_path.write_text(json.dumps(_json_safe(report), indent=2))
     if not panels:
         panels = [Panel("all", pred, mos, overall, failed)]
     plot_path = scatter_plot(
         panels,
-        out_dir / f"{prefix}_scatter.png",
+        plot_path,
         title=f"{prefix}" + (f" step {step}" if step is not None else ""),
     )
-    if mlflow_run is not None:
-        _log_to_mlflow(mlflow_run, prefix, report, [csv_path, json_path, plot_path], step)
     return report

@@ -432,20 +432,18 @@ def read_tint(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     )
 
 
-def write_jsonl(dataset: Dataset, path: str | Path, thinking: bool = True) -> Path:
-    """Write rows in the published JSONL layout; image paths relative to the JSONL file's folder."""
-    from actor.prompts import prompt_question
-
+def write_jsonl(dataset: Dataset, path: str | Path, question: str) -> Path:
+    """Write rows in the published JSONL layout, `question` as the human turn (`vlm.prompts.prompt_question`);
+    image paths relative to the JSONL file's folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prompt = prompt_question(thinking)
     with open(path, "w", encoding="utf-8") as out:
         for row in dataset:
             record = {
                 "id": row["id"],
                 "dataset_name": row["dataset"],
                 "image": [os.path.relpath(row["image"], path.parent.absolute())],
-                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": row["mos"]}],
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": row["mos"]}],
                 "ref": row["ref"],
             }
             out.write(json.dumps(record) + "\n")

@@ -9,7 +9,8 @@ What `load_image` guarantees:
     I and F: the range is inferred from the image's maximum: <= 1 is a unit float image (x 255),
              <= 255 is already 8-bit, anything larger is 16-bit (/ 257), then clipped to [0, 255];
 - multi-frame files (GIF, TIFF) give their first frame.
-Every failure is an `ImageLoadError` whose message names the file and the reason.
+Every path that turns an image into pixels (rollout, learner, scoring, evaluation, data check, the
+base-model pipeline) decodes with it. Every failure is an `ImageLoadError` whose message names the file and the reason.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# What every path that turns an image into pixels accepts: a decoded image, encoded bytes or a file.
+ImageInput = Image.Image | bytes | str | Path
 BYTES_NAME = "<bytes>"
 # Errors Pillow's decoders raise on damaged data (truncated streams, broken chunks, bad headers).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
@@ -48,7 +51,7 @@ def _open(source: str | Path | bytes) -> tuple[Image.Image, str]:
         if not data:
             raise ImageLoadError(BYTES_NAME, "zero-byte", "zero-byte image data")
         name, stream = BYTES_NAME, io.BytesIO(data)
-    else:
+    elif isinstance(source, str | Path):
         path = Path(source)
         name = str(path)
         if not path.exists():
@@ -58,6 +61,8 @@ def _open(source: str | Path | bytes) -> tuple[Image.Image, str]:
         if path.stat().st_size == 0:
             raise ImageLoadError(name, "zero-byte", "zero-byte file")
         stream = io.BytesIO(path.read_bytes())
+    else:
+        raise TypeError(f"an image must be a PIL image, encoded bytes or a path, got {type(source).__name__}")
     try:
         return Image.open(stream), name
     except UnidentifiedImageError:
@@ -107,8 +112,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """Decode a file path or encoded bytes into an upright 8-bit RGB image (see module docstring)."""
+def load_image(source: ImageInput) -> Image.Image:
+    """Decode a file path or encoded bytes into an upright 8-bit RGB image (see module docstring); an
+    image already decoded (a PIL image) is converted to 8-bit RGB by the same rules."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
     img, name = _open(source)
     with img:
         _decode(img, name)

@@ -4,6 +4,7 @@ exactly one of train / val / test, so no test content was seen in training."""
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 from datasets import Dataset
@@ -57,3 +58,31 @@ def load_splits(specs: list[DatasetSpec], data: DataConfig) -> tuple[dict[str, D
     """Load the datasets of `specs` and split them by reference with data.split_ratios / data.split_seed."""
     ds, report = load_datasets(specs, data)
     return split_by_reference(ds, data.split_ratios, data.split_seed), report
+
+
+# eval.split -> the parts of the eval datasets' split by reference that it evaluates on.
+EVAL_SPLIT_PARTS = {
+    "train": ("train",),
+    "val": ("val",),
+    "test": ("test",),
+    "held_out": ("val", "test"),  # every reference the run never trains on
+    "all": ("train", "val", "test"),
+}
+
+
+log = logging.getLogger("vqr1.data")
+
+
+def load_run_data(config):
+    """Train and eval splits, split by reference; bad rows stop the run or are reported and skipped."""
+    from datasets import concatenate_datasets
+
+    train_splits, train_report = load_splits(config.data.train, config.data)
+    eval_splits, eval_report = load_splits(config.data.eval, config.data)
+    for report in (train_report, eval_report):
+        if report.bad:
+            log.warning("\n".join(report.lines()))
+    eval_split = concatenate_datasets([eval_splits[name] for name in EVAL_SPLIT_PARTS[config.eval.split]])
+    if config.eval.max_images is not None and len(eval_split) > config.eval.max_images:
+        eval_split = eval_split.shuffle(seed=config.data.split_seed).select(range(config.eval.max_images))
+    return train_splits["train"], eval_split, train_report.merge(eval_report)

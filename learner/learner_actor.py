@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 
-from actor.weight_sync import WeightMeta, serialize_buckets
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env, route_logs_from_env
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
 from learner.grpo import grpo_loss
-from learner.model_factory import load_processor
 from learner.policy import (
     PolicySample,
     build_micro_batches,
@@ -34,6 +32,8 @@ from learner.policy import (
     pad_token,
     sequence_logprobs,
 )
+from vlm.factory import load_processor
+from vlm.weight_sync import WeightMeta, serialize_buckets
 
 # Engine state (optimizer, scheduler, ZeRO partitions) lives in this subfolder of a checkpoint; the
 # folder itself holds the policy in Hugging Face format.
@@ -53,6 +53,7 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int) -> None:
         apply_default_env()
+        route_logs_from_env()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
         self.rank = rank
@@ -222,7 +223,7 @@ class LearnerWorker:
             )
         return [row[row_mask].tolist() for row, row_mask in zip(logp, mask, strict=True)]
 
-    def weight_buckets(self, bucket_bytes: int) -> list[bytes]:
+    def serialized_weights(self, bucket_bytes: int) -> list[bytes]:
         """The trainable weights under their checkpoint names as safetensors blobs on rank 0 ([] elsewhere).
 
         Every rank must call it: under ZeRO-3 the parameters are gathered group by group.
@@ -233,6 +234,13 @@ class LearnerWorker:
         for _ in weights:
             pass
         return []
+
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        """`serialized_weights` put in Ray's object store by rank 0, which returns their references: the
+        rollout workers fetch them from this node directly and the driver never holds the weights."""
+        import ray
+
+        return [ray.put(bucket) for bucket in self.serialized_weights(bucket_bytes)]
 
     def open_weight_transfer(
         self,
@@ -245,7 +253,7 @@ class LearnerWorker:
         """GPU: join the NCCL weight transfer with every rollout worker (rank 0 hosts it at
         master_address:master_port and sends); called again, with new handles, after a worker is replaced.
         Every rank must call it."""
-        from actor.weight_sync import NcclWeightSender
+        from vlm.weight_sync import NcclWeightSender
 
         engine = self._require_setup()
         self.close_weight_transfer()

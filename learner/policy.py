@@ -7,25 +7,22 @@ and only their micro-batch concatenates pixel values per sequence, as Qwen2.5-VL
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from configs.schema import ModelConfig
+from iqa.images import ImageInput, load_image
 from learner.grpo import token_logprobs
-
-ImageSource = Image.Image | bytes | str | Path
 
 
 @dataclass
 class PolicySample:
-    """One image, its prompt (from `actor.prompts.build_prompt_text`) and its completions' token ids."""
+    """One image, its prompt (from `vlm.prompts.build_prompt_text`) and its completions' token ids."""
 
-    image: ImageSource
+    image: ImageInput
     prompt: str
     completions: list[list[int]]
 
@@ -85,26 +82,14 @@ class MicroBatch:
         return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
-def open_image(image: ImageSource) -> Image.Image:
-    """An RGB PIL image from a PIL image, encoded bytes or a file path."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, bytes):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    if isinstance(image, str | Path):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    raise TypeError(f"image must be a PIL image, encoded bytes or a path, got {type(image).__name__}")
-
-
 def encode_prompt(processor, sample: PolicySample) -> EncodedPrompt:
     """Run the processor once for the sample's image (the same min/max pixels as the rollout engine)."""
-    encoded = processor(text=[sample.prompt], images=[open_image(sample.image)], return_tensors="pt")
+    encoded = processor(text=[sample.prompt], images=[load_image(sample.image)], return_tensors="pt")
     if "mm_token_type_ids" not in encoded:
         raise ValueError("the processor returned no mm_token_type_ids; Qwen2.5-VL's 3D positions need them")
     num_image_tokens = int((encoded["mm_token_type_ids"] == 1).sum())
     if num_image_tokens == 0:
-        raise ValueError("the prompt has no image placeholder; build it with actor.prompts.build_prompt_text")
+        raise ValueError("the prompt has no image placeholder; build it with vlm.prompts.build_prompt_text")
     return EncodedPrompt(
         input_ids=encoded["input_ids"][0],
         mm_token_type_ids=encoded["mm_token_type_ids"][0],

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
 from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, skimage_data_dir  # noqa: E402
 from iqa.images import load_image, random_view  # noqa: E402
-from learner.base_model import (  # noqa: E402
+from models.base_model import (  # noqa: E402
     CLEAN,
     BaseModelRecipe,
     benchmark_splits,
@@ -31,8 +31,8 @@ from learner.base_model import (  # noqa: E402
     perception_examples,
     training_photos,
 )
-from learner.model_factory import build_checkpoint  # noqa: E402
 from rewards.parsing import extract_score, format_reward  # noqa: E402
+from vlm.factory import build_checkpoint  # noqa: E402
 
 
 def test_cold_start_answers_are_well_formed_and_their_scores_uniform_in_range():
@@ -140,7 +140,7 @@ def test_cold_start_from_a_given_checkpoint_is_keyed_by_its_weights_and_records_
 
 def test_a_runs_cold_start_step_uses_its_benchmark_and_is_cached(tmp_path):
     from configs.load import load_config
-    from learner.model_factory import resolve_start_model
+    from models.base_model import cold_start_for_run
 
     start = build_checkpoint("tiny", tmp_path / "init", seed=0)
     overrides = [
@@ -149,12 +149,10 @@ def test_a_runs_cold_start_step_uses_its_benchmark_and_is_cached(tmp_path):
         "data.builtin_families=[blur,noise]",
         "data.builtin_size=56",
     ]
-    plain = load_config("cpu-default", overrides)
-    assert resolve_start_model(plain) == start  # no cold_start: the checkpoint as given
     config = load_config(
         "cpu-default", [*overrides, "model.cold_start={steps: 2, score_decimals: 0}", "train.seed=5"]
     )
-    path = resolve_start_model(config)
+    path = cold_start_for_run(config, start)
     assert path.parent == tmp_path / "cache" / "models" and path != start
     recipe = json.loads((path / "vqr1_recipe.json").read_text())["recipe"]
     assert recipe["cold_start_steps"] == 2 and recipe["cold_start_score_decimals"] == 0
@@ -162,7 +160,7 @@ def test_a_runs_cold_start_step_uses_its_benchmark_and_is_cached(tmp_path):
     assert recipe["seed"] == BaseModelRecipe.seed  # every seed of a run starts from the same policy
     # Built once: another seed of the same run reuses it.
     again = load_config("cpu-default", [*overrides, "model.cold_start={steps: 2, score_decimals: 0}"])
-    assert resolve_start_model(again) == path
+    assert cold_start_for_run(again, start) == path
 
 
 @pytest.mark.slow

@@ -53,20 +53,15 @@ def test_no_checkpoint_at_all(tmp_path):
 
 def test_resume_forgets_the_trained_images_of_steps_after_the_checkpoint(tmp_path):
     """A run killed during step 3 logged it, but its update was lost: resuming from step 2 drops it."""
-    from types import SimpleNamespace
-
-    from cluster.train import forget_trained_images_after, log_trained_images, read_trained_images
-
-    config = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path)))
     for step in (1, 2, 3):
-        log_trained_images(config, step, [f"img-{step}-a", f"img-{step}-b"])
-    forget_trained_images_after(config, 2)
-    assert read_trained_images(tmp_path) == [
+        checkpoints.log_trained_images(tmp_path, step, [f"img-{step}-a", f"img-{step}-b"])
+    checkpoints.forget_trained_images_after(tmp_path, 2)
+    assert checkpoints.read_trained_images(tmp_path) == [
         {"step": 1, "image_ids": ["img-1-a", "img-1-b"]},
         {"step": 2, "image_ids": ["img-2-a", "img-2-b"]},
     ]
-    forget_trained_images_after(config, 0)
-    assert read_trained_images(tmp_path) == []
+    checkpoints.forget_trained_images_after(tmp_path, 0)
+    assert checkpoints.read_trained_images(tmp_path) == []
 
 
 def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):

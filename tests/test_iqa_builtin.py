@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 

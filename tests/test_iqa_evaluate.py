@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs.schema import DataConfig, DatasetSpec  # noqa: E402
-from iqa.evaluate import ImageSamples, run_evaluation  # noqa: E402
+from iqa.evaluate import ImageSamples, output_files, run_evaluation  # noqa: E402
 from iqa.formats import load_dataset_spec  # noqa: E402
 from iqa.metrics import evaluate_scores  # noqa: E402
 
@@ -111,31 +111,32 @@ def test_run_evaluation_writes_csv_json_png(tmp_path, dataset):
         assert plot.format == "PNG" and plot.width >= 300
 
 
-def test_run_evaluation_logs_to_a_local_mlflow_store(tmp_path, dataset):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = mlflow.create_experiment(
-        "iqa-eval-test", artifact_location=(tmp_path / "artifacts").as_uri()
+def test_an_evaluation_is_logged_to_the_runs_mlflow_store(tmp_path, dataset):
+    from cluster.tracking import Tracker
+    from configs.load import load_config
+
+    config = load_config("cpu-tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    tracker = Tracker(config)
+    report = run_evaluation(
+        dataset,
+        sharpness_scorer(),
+        tmp_path / "out",
+        num_samples=SAMPLES,
+        temperature=0.7,
+        thinking=True,
+        prefix="test_eval",
+        step=5,
+        bootstrap=50,
     )
-    with mlflow.start_run(experiment_id=experiment) as run:
-        report = run_evaluation(
-            dataset,
-            sharpness_scorer(),
-            tmp_path / "out",
-            num_samples=SAMPLES,
-            temperature=0.7,
-            thinking=True,
-            mlflow_run=run,
-            prefix="test_eval",
-            step=5,
-            bootstrap=50,
-        )
-    client = mlflow.MlflowClient()
-    logged = client.get_run(run.info.run_id).data.metrics
+    tracker.log_evaluation("test_eval", report, output_files(tmp_path / "out", "test_eval"), step=5)
+    tracker.finish()
+    client = mlflow.MlflowClient(tracker.uri)
+    logged = client.get_run(tracker.run_id).data.metrics
     assert logged["test_eval/srcc"] == pytest.approx(report["overall"]["srcc"])
     assert logged["test_eval/plcc_ci95_low"] == pytest.approx(report["overall"]["plcc_ci95_low"])
     assert logged["test_eval/images_all_failed"] == report["images_all_failed"]
-    assert client.get_metric_history(run.info.run_id, "test_eval/srcc")[0].step == 5
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "test_eval")}
+    assert client.get_metric_history(tracker.run_id, "test_eval/srcc")[0].step == 5
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "test_eval")}
     assert artifacts == {
         "test_eval/test_eval_predictions.csv",
         "test_eval/test_eval_metrics.json",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
@@ -27,6 +27,7 @@ from iqa.formats import (  # noqa: E402
     register_format,
     write_jsonl,
 )
+from vlm.prompts import prompt_question  # noqa: E402
 
 COLUMNS = ["id", "image", "mos_raw", "mos", "dataset", "ref"]
 
@@ -216,7 +217,7 @@ def test_jsonl_round_trip_keeps_mixed_dataset_names(tmp_path):
     ]
     mixed, report = load_datasets(specs, DataConfig(), progress=False)
     assert mixed["dataset"] == ["one", "one", "two", "two"] and report.kept == 4
-    out = write_jsonl(mixed, tmp_path / "export" / "train.jsonl")
+    out = write_jsonl(mixed, tmp_path / "export" / "train.jsonl", prompt_question(thinking=True))
     first = json.loads(out.read_text().splitlines()[0])
     assert first["image"] == ["../imgs/a.png"] and first["dataset_name"] == "one"
     assert [turn["from"] for turn in first["conversations"]] == ["human", "gpt"]

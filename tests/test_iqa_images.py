@@ -135,3 +135,13 @@ def test_check_image_catches_truncated_jpeg_at_draft_scale(tmp_path):
         check_image(tmp_path / "cut.jpg")
     with pytest.raises(ImageLoadError, match="file is missing"):
         check_image(tmp_path / "gone.jpg")
+
+
+def test_a_decoded_image_goes_through_the_same_conversion():
+    rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 0))
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, as from a file
+    rgb = _gradient()
+    converted = load_image(rgb)
+    assert converted is not rgb and np.array_equal(np.asarray(converted), np.asarray(rgb))
+    with pytest.raises(TypeError, match="PIL image, encoded bytes or a path"):
+        load_image(3)

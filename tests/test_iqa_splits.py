@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
@@ -71,13 +71,12 @@ def test_bad_ratios_are_rejected():
 def test_held_out_evaluation_is_val_plus_test_and_never_a_training_reference():
     from pathlib import Path
 
-    from cluster.train import load_data
     from configs.load import load_config
-    from iqa.splits import load_splits
+    from iqa.splits import load_run_data, load_splits
 
     cache = Path(__file__).resolve().parents[1] / ".cache" / "vqr1"
     config = load_config("cpu-default", [f"data.cache_dir={cache}", "eval.split=held_out"])
-    train, held_out, _ = load_data(config)
+    train, held_out, _ = load_run_data(config)
     splits, _ = load_splits(config.data.eval, config.data)
     assert _refs(held_out) == _refs(splits["val"]) | _refs(splits["test"])
     assert len(held_out) == len(splits["val"]) + len(splits["test"])

@@ -15,20 +15,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
 import ray  # noqa: E402
 
-from actor.prompts import build_prompt_text  # noqa: E402
-from actor.weight_sync import iterate_buckets  # noqa: E402
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig, RewardConfig  # noqa: E402
 from learner.grpo import group_advantages, grpo_loss  # noqa: E402
 from learner.learner_actor import create_learner_group  # noqa: E402
-from learner.model_factory import build_checkpoint, load_processor  # noqa: E402
 from learner.policy import PolicySample, checkpoint_names, load_policy_model, sequence_logprobs  # noqa: E402
 from rewards.batch import batch_rewards  # noqa: E402
+from vlm.factory import build_checkpoint, load_processor  # noqa: E402
+from vlm.prompts import build_prompt_text  # noqa: E402
+from vlm.weight_sync import iterate_buckets  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -136,10 +136,11 @@ def _without_timings(metrics: dict) -> dict:
 
 
 def pushed_weights(workers) -> dict[str, torch.Tensor]:
-    buckets = on_all(workers, "weight_buckets", [BUCKET_BYTES] * WORLD_SIZE)
-    assert all(b == [] for b in buckets[1:]), "only rank 0 returns buckets"
-    assert len(buckets[0]) > 1, "the weights should span several buckets at this bucket size"
-    return dict(iterate_buckets(buckets[0]))
+    bucket_refs = on_all(workers, "weight_buckets", [BUCKET_BYTES] * WORLD_SIZE)
+    assert all(refs == [] for refs in bucket_refs[1:]), "only rank 0 returns buckets"
+    assert len(bucket_refs[0]) > 1, "the weights should span several buckets at this bucket size"
+    assert all(isinstance(ref, ray.ObjectRef) for ref in bucket_refs[0]), "references, not the weights"
+    return dict(iterate_buckets(ray.get(bucket_refs[0])))
 
 
 def module_parameters(worker) -> dict[str, torch.Tensor]:

@@ -8,20 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
-from actor.prompts import build_prompt_text, prompt_question  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
-from learner.model_factory import (  # noqa: E402
+from vlm.factory import (  # noqa: E402
     PRESETS,
-    SPECIAL_TOKENS,
     build_checkpoint,
     load_processor,
     resolve_model_path,
-    token_id,
 )
+from vlm.tokens import SPECIAL_TOKENS, token_id  # noqa: E402
+from vlm.prompts import build_prompt_text, prompt_question  # noqa: E402
 
 
 @pytest.fixture(scope="module")

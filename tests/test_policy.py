@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
-from actor.prompts import build_prompt_text  # noqa: E402
 from configs.schema import LearnerConfig, ModelConfig  # noqa: E402
 from learner.deepspeed_config import (  # noqa: E402
     deepspeed_config,
@@ -23,16 +20,16 @@ from learner.deepspeed_config import (  # noqa: E402
     reference_config,
 )
 from learner.grpo import grpo_loss  # noqa: E402
-from learner.model_factory import build_checkpoint, load_processor  # noqa: E402
 from learner.policy import (  # noqa: E402
     PolicySample,
     build_micro_batches,
     checkpoint_names,
     load_policy_model,
-    open_image,
     sequence_logprobs,
     vision_tower,
 )
+from vlm.factory import build_checkpoint, load_processor  # noqa: E402
+from vlm.prompts import build_prompt_text  # noqa: E402
 
 MIN_PIXELS, MAX_PIXELS = 3136, 12544
 
@@ -132,21 +129,6 @@ def test_sample_errors_are_clear(processor, samples):
         build_micro_batches(processor, [PolicySample(samples[0].image, prompt, [[5], []])], 2)
     with pytest.raises(ValueError, match="no completions"):
         build_micro_batches(processor, [PolicySample(samples[0].image, prompt, [])], 2)
-    with pytest.raises(TypeError, match="PIL image, encoded bytes or a path"):
-        open_image(3)
-
-
-def test_image_sources_decode_to_the_same_pixels(tmp_path):
-    image = random_image(30, 40, 5)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    path = tmp_path / "image.png"
-    path.write_bytes(buffer.getvalue())
-    for source in (image, buffer.getvalue(), path, str(path), image.convert("L").convert("RGB")):
-        decoded = open_image(source)
-        assert decoded.mode == "RGB" and decoded.size == (40, 30)
-    assert np.array_equal(np.asarray(open_image(buffer.getvalue())), np.asarray(image))
-    assert np.array_equal(np.asarray(open_image(path)), np.asarray(image))
 
 
 def test_frozen_vision_and_gradient_checkpointing_keep_the_language_gradients(

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cluster.train import read_trained_images
+from cluster.checkpoints import read_trained_images
 from configs.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ class Sleeper:
 def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step():
     import ray
 
-    from cluster.train import RemoteCallError, wait
+    from cluster.system import RemoteCallError, wait
 
     config = load_config("cpu-tiny", ["cluster.call_timeout_s=2"])
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
@@ -28,11 +28,11 @@ from actor.rollout_engine import (  # noqa: E402
     RolloutEngine,
     quiet_expected_vllm_warnings,
 )
-from actor.weight_sync import serialize_buckets  # noqa: E402
 from configs.schema import ModelConfig, RolloutConfig  # noqa: E402
 from learner.grpo import token_logprobs  # noqa: E402
-from learner.model_factory import build_checkpoint  # noqa: E402
 from rewards.parsing import extract_score, score_digit_offset  # noqa: E402
+from vlm.factory import build_checkpoint  # noqa: E402
+from vlm.weight_sync import serialize_buckets  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

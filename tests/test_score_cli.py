@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
 from actor.rollout_engine import Completion  # noqa: E402
-from actor.score_cli import add_score_parser, collect_files, run_score, summarise  # noqa: E402
+from cluster.score import add_score_parser, collect_files, run_score, summarise  # noqa: E402
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -78,12 +78,10 @@ def test_score_folder_reports_bad_files_and_scores_the_rest(tmp_path, capsys):
             str(missing),
             "--preset",
             "tiny",
-            "--cache-dir",
-            str(tmp_path / "models"),
+            "--set",
+            f"data.cache_dir={tmp_path}",
             "-n",
             "8",
-            "--max-new-tokens",
-            "48",
             "--csv",
             str(out_csv),
         ]

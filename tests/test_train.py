@@ -15,6 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from cluster.tracking import metric_histories
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,7 @@ STEP_METRICS = [
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
-    return mlflow.tracking.MlflowClient(tracking_uri).get_metric_history(run_id, key)
+    return metric_histories(tracking_uri, run_id, (key,))[key]
 
 
 def test_tiny_run_logs_every_metric_for_every_step(first_run):

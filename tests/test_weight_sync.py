@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load as safetensors_load
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
-from actor.weight_sync import engine_weight_transfer_config, iterate_buckets, serialize_buckets  # noqa: E402
+from vlm.weight_sync import engine_weight_transfer_config, iterate_buckets, serialize_buckets  # noqa: E402
 
 
 def named_tensors() -> list[tuple[str, torch.Tensor]]:
@@ -83,7 +83,7 @@ def test_push_through_the_ray_rollout_actor(tmp_path):
 
     from actor.rollout_actor import create_rollout_worker
     from configs.schema import ModelConfig, PlacementConfig, RolloutConfig
-    from learner.model_factory import build_checkpoint
+    from vlm.factory import build_checkpoint
 
     checkpoint = build_checkpoint("tiny", tmp_path / "models")
     original = load_file(checkpoint / "model.safetensors")
@@ -106,10 +106,24 @@ def test_push_through_the_ray_rollout_actor(tmp_path):
             return rollouts[0].completions[0].token_ids
 
         before = greedy()
-        assert ray.get(worker.update_weights.remote(serialize_buckets(perturbed.items(), 1 << 20))) == 1
+        assert (
+            ray.get(
+                worker.update_weights.remote(
+                    [ray.put(b) for b in serialize_buckets(perturbed.items(), 1 << 20)]
+                )
+            )
+            == 1
+        )
         assert greedy() != before
         # Pushing the checkpoint's own weights back restores the original outputs exactly.
-        assert ray.get(worker.update_weights.remote(serialize_buckets(original.items(), 1 << 20))) == 2
+        assert (
+            ray.get(
+                worker.update_weights.remote(
+                    [ray.put(b) for b in serialize_buckets(original.items(), 1 << 20)]
+                )
+            )
+            == 2
+        )
         assert ray.get(worker.weight_version.remote()) == 2
         assert greedy() == before
     finally:

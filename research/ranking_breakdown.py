@@ -14,7 +14,7 @@ orders each family's levels but places the families on different scales loses th
 "within (reference, family)" and "within reference"); the sd of the photos' mean predictions is the
 content offset (their mean MOS are equal).
 
-    python -m bench.ranking_breakdown RUN/eval-after/eval_after_predictions.csv [more CSVs]
+    python -m research.ranking_breakdown RUN/eval-after/eval_after_predictions.csv [more CSVs]
 """
 
 from __future__ import annotations

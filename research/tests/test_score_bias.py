@@ -1,9 +1,8 @@
-"""bench.score_bias: image statistics by their definitions; fixed-thought scores are digit expectations
-that follow the image."""
+"""research.score_bias: fixed-thought scores are digit expectations that follow the image."""
 
 from __future__ import annotations
 
-from cluster.runtime_env import apply_default_env
+from configs.runtime_env import apply_default_env
 
 apply_default_env()
 
@@ -12,20 +11,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.score_bias import fixed_thought_scores, image_statistics  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
-from learner.model_factory import build_checkpoint, load_processor  # noqa: E402
 from learner.policy import load_policy_model  # noqa: E402
+from research.score_bias import fixed_thought_scores  # noqa: E402
+from vlm.factory import build_checkpoint, load_processor  # noqa: E402
 
 MIN_PIXELS, MAX_PIXELS = 3136, 12544
-
-
-def test_image_statistics_of_a_flat_and_a_striped_image():
-    flat = Image.new("L", (8, 8), 100)
-    np.testing.assert_allclose(image_statistics(flat), [0.0, 0.0, 100.0])
-    stripes = np.zeros((8, 8), dtype=np.uint8)
-    stripes[:, ::2] = 200  # columns alternate 200, 0: every horizontal step is 200, no vertical one
-    np.testing.assert_allclose(image_statistics(Image.fromarray(stripes)), [100.0, 200.0, 100.0])
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""bench.ranking_breakdown: the overall SRCC of a built-in evaluation split by photo and distortion family."""
+"""research.ranking_breakdown: the overall SRCC of a built-in evaluation split by photo and distortion family."""
 
 import csv
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from bench.ranking_breakdown import main, parse_builtin_id, ranking_breakdown
+from research.ranking_breakdown import main, parse_builtin_id, ranking_breakdown
 
 REFS = ["chelsea", "hubble_deep_field", "page"]
 FAMILIES = {"blur": 0.1, "noise": -0.1}  # the family's MOS offset

@@ -17,38 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from configs.schema import ModelConfig
+from iqa.folders import build_folder
+from vlm.tokens import SPECIAL_TOKENS
 
 DEFAULT_CACHE_DIR = ".cache/vqr1/models"
 # Bump when the build recipe changes, so old cached checkpoints are not reused.
 FACTORY_VERSION = 1
-
-# Qwen2-VL's special tokens, in Qwen's id order (appended after the learned BPE vocabulary).
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# Tokens the policy must never sample: they would desynchronise image features and placeholders.
-VISION_SPECIAL_TOKENS = SPECIAL_TOKENS[3:]
 
 # The chat template shipped with Qwen2-VL / Qwen2.5-VL-Instruct.
 CHAT_TEMPLATE = (
@@ -172,7 +150,7 @@ def build_tokenizer(max_vocab_size: int):
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from actor.prompts import prompt_question
+    from vlm.prompts import prompt_question
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -316,27 +294,13 @@ def build_checkpoint(
     spec = PRESETS[preset]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{preset}-{_checkpoint_key(spec, min_pixels, max_pixels, seed)}"
-    return build_cached(final, lambda staging: _write_checkpoint(spec, staging, min_pixels, max_pixels, seed))
+    return build_folder(
+        final, lambda staging: _write_checkpoint(spec, staging, min_pixels, max_pixels, seed), is_checkpoint
+    )
 
 
-def build_cached(final: Path, write: Callable[[Path], None]) -> Path:
-    """`final`, written by `write(staging)` into a temporary sibling folder and renamed into place, unless
-    it is already there: a crash or a concurrent build never leaves a half-written checkpoint behind."""
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-building-", dir=final.parent))
-    try:
-        write(staging)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            # Another process finished the same build first; its checkpoint is identical.
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
 
 
 def resolve_model_path(model: ModelConfig, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
@@ -354,26 +318,6 @@ def resolve_model_path(model: ModelConfig, cache_dir: str | Path = DEFAULT_CACHE
             )
         return path
     return build_checkpoint(model.preset, cache_dir, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
-
-
-def resolve_start_model(config) -> Path:
-    """The checkpoint training starts from: resolve_model_path, then, with model.cold_start set, the
-    format cold start re-run on top of it (built on first use, cached under data.cache_dir/models)."""
-    cache_dir = Path(config.data.cache_dir) / "models"
-    path = resolve_model_path(config.model, cache_dir)
-    if config.model.cold_start is None:
-        return path
-    from learner.base_model import cold_start_for_run
-
-    return cold_start_for_run(config, path, cache_dir)
-
-
-def token_id(tokenizer, token: str, source: str | Path) -> int:
-    """The id of one token; an error naming `source` when the tokenizer lacks it (a Qwen tokenizer never does)."""
-    found = tokenizer.convert_tokens_to_ids(token)
-    if found is None or found == tokenizer.unk_token_id:
-        raise ValueError(f"{source}: the tokenizer has no {token} token (not a Qwen2-VL checkpoint?)")
-    return found
 
 
 def load_processor(path: str | Path, min_pixels: int, max_pixels: int):

@@ -1,7 +1,7 @@
 """The project's base model: a Qwen2.5-VL that already sees, made here without any quality label.
 
 No pretrained weights can be had on these machines, and a randomly initialised Qwen2.5-VL passes almost
-no image information to its answer tokens (../shared/docs/learning-notes.md), so RL has nothing to
+no image information to its answer tokens (docs/base-model.md), so RL has nothing to
 amplify. This module makes the stand-in for "a pretrained Qwen2.5-VL" from a preset's random checkpoint:
 
 1. vision pretraining: the vision tower plus two linear heads on its pooled output learn the dominant
@@ -26,7 +26,7 @@ amplify. This module makes the stand-in for "a pretrained Qwen2.5-VL" from a pre
 Both are Hugging Face checkpoints of the preset's architecture (safetensors, tokenizer, processor), so
 transformers and vLLM load them like any Qwen2.5-VL. They are cached under a key of their recipe.
 
-    python -m learner.base_model [--preset small] [--threads 1] [--out DIR]
+    vqr1 base-model [--preset small] [--threads 1] [--out DIR]          (make base-model)
 
 builds (or reuses) both, measures them against the random init, and copies them to DIR;
 `--cold-start-from CHECKPOINT` runs only the cold start, on top of the given checkpoint.
@@ -49,19 +49,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from actor.prompts import build_prompt_text
 from configs.schema import DataConfig
 from iqa.builtin import DEFAULT_FAMILIES, DISTORTIONS, REFERENCE_PHOTOS, file_sha256, skimage_data_dir
+from iqa.folders import build_folder
 from iqa.images import load_image, random_view
-from learner.model_factory import (
-    DEFAULT_CACHE_DIR,
-    VISION_SPECIAL_TOKENS,
-    build_cached,
-    build_checkpoint,
-    load_processor,
-)
 from learner.policy import PolicySample, build_micro_batches, completion_logprobs, pad_token, vision_tower
 from rewards.parsing import extract_score, format_reward
+from vlm.factory import DEFAULT_CACHE_DIR, build_checkpoint, is_checkpoint, load_processor
+from vlm.prompts import build_prompt_text
+from vlm.tokens import VISION_SPECIAL_TOKENS
 
 # Bump when the training code changes what it makes, so old cached checkpoints are not reused.
 BASE_MODEL_VERSION = 3
@@ -448,7 +444,7 @@ def base_checkpoint(
         }
         _save(model, source, folder, recipe, "base", record)
 
-    return build_cached(cache_dir / f"base-{recipe.preset}-{recipe.base_key()}", write)
+    return build_folder(cache_dir / f"base-{recipe.preset}-{recipe.base_key()}", write, is_checkpoint)
 
 
 def cold_start_checkpoint(
@@ -480,10 +476,10 @@ def cold_start_checkpoint(
         }
         _save(model, source, folder, recipe, "cold_start", record)
 
-    return build_cached(cache_dir / f"cold-start-{recipe.preset}-{key}", write)
+    return build_folder(cache_dir / f"cold-start-{recipe.preset}-{key}", write, is_checkpoint)
 
 
-def cold_start_for_run(config, start: Path, cache_dir: str | Path) -> Path:
+def cold_start_for_run(config, start: Path) -> Path:
     """config.model.cold_start on top of `start`, on the training references of the run's built-in
     benchmark (its size, families and split), cached under the recipe and the start's weights. The
     recipe's own seed, not the run's: every seed of a proof starts from the same policy."""
@@ -500,7 +496,7 @@ def cold_start_for_run(config, start: Path, cache_dir: str | Path) -> Path:
         cold_start_steps=model.cold_start.steps,
         cold_start_score_decimals=model.cold_start.score_decimals,
     )
-    return cold_start_checkpoint(recipe, cache_dir, start)
+    return cold_start_checkpoint(recipe, config.data.models_cache_dir, start)
 
 
 # ---------------------------------------------------------------- measurements
@@ -637,14 +633,14 @@ def measure(path: Path, recipe: BaseModelRecipe, *, answers: bool, num_samples: 
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from cluster.runtime_env import apply_default_env
-
-    apply_default_env()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--preset", default=BaseModelRecipe.preset, help="model preset of learner.model_factory"
+def add_base_model_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "base-model",
+        help="build (or reuse) the base model and its format cold start, measure them, copy them out",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--preset", default=BaseModelRecipe.preset, help="model preset of vlm.factory")
     parser.add_argument("--seed", type=int, default=BaseModelRecipe.seed)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     parser.add_argument(
@@ -664,7 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         default=BaseModelRecipe.cold_start_score_decimals,
         help="decimals of the cold start's random scores (0: whole numbers)",
     )
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=run_base_model)
+
+
+def run_base_model(args) -> int:
     torch.set_num_threads(args.threads)
     recipe = replace(
         BaseModelRecipe(),
@@ -695,7 +694,3 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(checkpoints[stage], target)
             print(f"copied {stage} to {target}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

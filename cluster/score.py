@@ -1,9 +1,13 @@
 """`vqr1 score PATH...`: quality scores for image files or folders with a checkpoint, through vLLM.
 
+The model: --model, else the newest checkpoint of the preset's run, else its (untrained) start model,
+said on the first line. Decoding (samples, temperature, thinking, seed), image bounds and the score
+range come from the preset.
+
 For each image: the mean of the parsed scores of its n samples, their spread (sample standard
 deviation) and one reasoning (the <think> text of the first parsed sample). Files that cannot be
 read as images (missing, corrupt, not an image) are reported by name; the others are still scored
-and the exit status is 1 if any file was bad.
+and the exit status is 1 if any file was bad. A mean outside the score range is marked OUT OF RANGE.
 """
 
 from __future__ import annotations
@@ -34,37 +38,48 @@ class ImageScore:
 
 
 def add_score_parser(subparsers) -> None:
-    parser = subparsers.add_parser("score", help="score image files or folders with a checkpoint")
+    parser = subparsers.add_parser(
+        "score",
+        help="score image files or folders with a checkpoint",
+        description="Decoding, image bounds and seeds come from the preset (`eval` section); without "
+        "--model, the newest checkpoint of the preset's run (checkpoint.dir), else its start model.",
+    )
     parser.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)"
     )
+    parser.add_argument("--config", default="cpu-default", help="a preset name in configs/ or a YAML path")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="local Hugging Face checkpoint folder (Qwen2.5-VL / Qwen2-VL)")
-    model.add_argument(
-        "--preset",
-        choices=("tiny", "small", "bench"),
-        default="tiny",
-        help="locally built random-weight model",
-    )
-    parser.add_argument(
-        "--cache-dir", default=".cache/vqr1/models", help="where preset checkpoints are built"
-    )
-    parser.add_argument("-n", "--num-samples", type=int, default=4, help="samples per image")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--no-think", action="store_true", help="the non-thinking prompt (answer only)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--min-pixels", type=int, default=3136)
-    parser.add_argument("--max-pixels", type=int, default=12544)
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="default: bfloat16 on CUDA, float32 on the CPU",
-    )
+    model.add_argument("--preset", help="a locally built random-weight model (vlm.factory.PRESETS)")
+    parser.add_argument("-n", "--num-samples", type=int, help="samples per image (default: eval.num_samples)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per vLLM call")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", type=Path, help="also write the results to this CSV file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, e.g. --set eval.temperature=0.5 (repeatable)",
+    )
     parser.set_defaults(handler=run_score)
+
+
+def scoring_model(config, args) -> tuple[Path, str]:
+    """The checkpoint to score with and a line saying which and why."""
+    from cluster import checkpoints
+    from vlm.factory import resolve_model_path
+
+    if args.model or args.preset:
+        return resolve_model_path(config.model, config.data.models_cache_dir), "as asked"
+    newest = checkpoints.latest_valid(Path(config.checkpoint.dir))
+    if newest is not None:
+        return newest[0], f"the newest checkpoint of the {args.config} run (step {newest[1]['step']})"
+    path = resolve_model_path(config.model, config.data.models_cache_dir)
+    return path, (
+        f"the UNTRAINED start model: {config.checkpoint.dir} holds no checkpoint "
+        f"(train one with `make train` or `vqr1 train --config {args.config}`)"
+    )
 
 
 def collect_files(paths: list[str]) -> list[Path]:
@@ -100,13 +115,14 @@ def summarise(path: str, completions) -> ImageScore:
     )
 
 
-def format_line(result: ImageScore) -> str:
+def format_line(result: ImageScore, low: float = 1.0, high: float = 5.0) -> str:
     if result.error:
         return f"{result.path}: ERROR {result.error}"
     if result.mean_score is None:
         return f"{result.path}: no parsable score in {result.num_samples} samples | {result.reasoning}"
+    flag = "" if low <= result.mean_score <= high else f" OUT OF RANGE [{low:g}, {high:g}]"
     return (
-        f"{result.path}: score {result.mean_score:.2f} +/- {result.spread:.2f} "
+        f"{result.path}: score {result.mean_score:.2f}{flag} +/- {result.spread:.2f} "
         f"({result.num_parsed}/{result.num_samples} parsed) | {result.reasoning}"
     )
 
@@ -131,41 +147,35 @@ def write_csv(path: Path, results: list[ImageScore]) -> None:
 
 
 def run_score(args) -> int:
-    from cluster.runtime_env import apply_default_env
+    from configs.runtime_env import apply_default_env
 
     apply_default_env()
-    import torch
-
     from actor.rollout_engine import RolloutEngine
-    from configs.schema import ModelConfig, RolloutConfig
+    from configs.load import ConfigError, load_config
     from iqa.images import ImageLoadError, load_image
-    from learner.model_factory import resolve_model_path
 
-    if args.num_samples < 1 or args.batch_size < 1:
+    overrides = list(args.overrides)
+    if args.model:
+        overrides += [f"model.path={args.model}", "model.preset=null"]
+    elif args.preset:
+        overrides += ["model.path=null", f"model.preset={args.preset}"]
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    num_samples = args.num_samples or config.eval.num_samples
+    if num_samples < 1 or args.batch_size < 1:
         print("error: --num-samples and --batch-size must be >= 1", file=sys.stderr)
         return 2
     files = collect_files(args.paths)
     if not files:
         print(f"error: no files found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    model_cfg = ModelConfig(
-        path=args.model,
-        preset=None if args.model else args.preset,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
-        dtype=dtype,
-    )
-    rollout_cfg = RolloutConfig(
-        num_generations=args.num_samples,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        thinking=not args.no_think,
-        seed=args.seed,
-        # Eager start-up is ~40 s faster on the CPU; compiling pays off only for long runs.
-        enforce_eager=not torch.cuda.is_available(),
-    )
-    engine = RolloutEngine(resolve_model_path(model_cfg, args.cache_dir), model_cfg, rollout_cfg)
+    model_path, which = scoring_model(config, args)
+    print(f"scoring with {model_path}: {which}", file=sys.stderr)
+    engine = RolloutEngine(model_path, config.model, config.rollout)
+    low, high = config.reward.score_range
 
     results: list[ImageScore] = []
     with tqdm(total=len(files), desc="scoring", unit="image", file=sys.stderr) as progress:
@@ -177,20 +187,31 @@ def run_score(args) -> int:
                     loaded.append((path, load_image(path)))
                 except ImageLoadError as exc:
                     results.append(ImageScore(path=str(path), error=exc.reason))
-                    tqdm.write(format_line(results[-1]))
+                    tqdm.write(format_line(results[-1], low, high))
             rollouts = engine.generate(
-                [image for _, image in loaded], args.num_samples, seed=args.seed + start * args.num_samples
+                [image for _, image in loaded],
+                num_samples,
+                temperature=config.eval.temperature,
+                thinking=config.eval.thinking,
+                seed=config.eval.seed + start * num_samples,
             )
             for (path, _), rollout in zip(loaded, rollouts, strict=True):
                 results.append(summarise(str(path), rollout.completions))
-                tqdm.write(format_line(results[-1]))
+                tqdm.write(format_line(results[-1], low, high))
             progress.update(len(batch))
     engine.shutdown()
 
     if args.csv:
         write_csv(args.csv, results)
     bad = [r for r in results if r.error]
+    out_of_range = [r for r in results if r.mean_score is not None and not low <= r.mean_score <= high]
     print(f"{len(results) - len(bad)} images scored, {len(bad)} bad files", file=sys.stderr)
+    if out_of_range:
+        print(
+            f"{len(out_of_range)} mean scores outside [{low:g}, {high:g}] (marked OUT OF RANGE): the model "
+            "does not keep to the scale",
+            file=sys.stderr,
+        )
     for r in bad:
         print(f"bad file: {r.path}: {r.error}", file=sys.stderr)
     return 1 if bad else 0

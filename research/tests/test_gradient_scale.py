@@ -1,4 +1,4 @@
-"""bench.gradient_scale: the clip table against hand-computed values, and the read-back from a real MLflow store."""
+"""research.gradient_scale: the clip table against hand-computed values, and the read-back from a real MLflow store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from bench.gradient_scale import gradient_scale_rows, main, read_run
+from research.gradient_scale import gradient_scale_rows, main, read_run
 
 
 def test_rows_match_the_formula_by_hand():

@@ -5,9 +5,9 @@ A held-out evaluation averages 8 sampled thoughts per image, and the score's dep
 (~0.03 across images in the cold start) hides any smaller dependence on the image. Teacher-forcing
 `<think> {thought} </think> <answer>` and reading the digit distribution removes that noise, so this
 says what ranking of the images the model itself carries, and which low-level image statistic it
-follows (grey-level standard deviation, mean absolute gradient, mean brightness).
+follows (the base model's six pixel statistics, `models.base_model.image_statistics`).
 
-    python -m bench.score_bias --predictions EVAL/eval_before_predictions.csv --model COLD_START \
+    python -m research.score_bias --predictions EVAL/eval_before_predictions.csv --model COLD_START \
         [--compare TRAINED_CHECKPOINT]
 
 --predictions is a `make eval` CSV (its image paths and MOS); with --compare the table adds the second
@@ -25,26 +25,20 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from actor.prompts import build_prompt_text
-from learner.base_model import THOUGHTS, cold_start_prefix
-from learner.model_factory import token_id
-from learner.policy import open_image
+from iqa.images import load_image
+from models.base_model import THOUGHTS, cold_start_prefix, image_statistics
+from vlm.prompts import build_prompt_text
+from vlm.tokens import token_id
 
-STATISTICS = ("grey std", "mean |gradient|", "brightness")
-
-
-def image_statistics(image: Image.Image) -> np.ndarray:
-    """Grey-level standard deviation, mean absolute neighbour difference (both axes) and mean brightness."""
-    grey = np.asarray(image.convert("L"), dtype=np.float64)
-    gradient = np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()
-    return np.array([grey.std(), gradient, grey.mean()])
+# The names of models.base_model.image_statistics, in its order.
+STATISTICS = ("sharpness", "noise", "contrast", "blockiness", "colourfulness", "gradient energy")
 
 
 @torch.no_grad()
 def fixed_thought_scores(model, processor, images: list[Image.Image], thoughts=THOUGHTS) -> np.ndarray:
     """(images, thoughts): E[first score digit] over 1..5 after `<think> {thought} </think> <answer>`."""
     prompt = build_prompt_text(processor, thinking=True)
-    digits = [token_id(processor.tokenizer, str(d), "bench.score_bias") for d in range(1, 6)]
+    digits = [token_id(processor.tokenizer, str(d), "research.score_bias") for d in range(1, 6)]
     scores = np.empty((len(images), len(thoughts)))
     for i, image in enumerate(images):
         for t, thought in enumerate(thoughts):
@@ -75,13 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from configs.load import load_config
-    from learner.model_factory import load_processor
     from learner.policy import load_policy_model
+    from vlm.factory import load_processor
 
     config = load_config(args.config)
     with args.predictions.open() as handle:
         rows = list(csv.DictReader(handle))
-    images = [open_image(row["image"]) for row in rows]
+    images = [load_image(row["image"]) for row in rows]
     mos = np.array([float(row["mos"]) for row in rows])
     statistics = np.stack([image_statistics(image) for image in images])
 

@@ -10,7 +10,7 @@ the learning rate. The table reads a finished run's MLflow history (the pre-clip
 squared-gradient mass the malformed-format steps would carry and the ratio of the gradients' root mean
 square to an ordinary step's median norm (1 = an ordinary step moves at the full learning rate).
 
-    python -m bench.gradient_scale --run-name exp-NAME [--tracking-uri sqlite:///mlflow.db]
+    python -m research.gradient_scale --run-name exp-NAME [--tracking-uri sqlite:///mlflow.db]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bench.step import metric_histories
+from cluster.tracking import find_run, metric_histories
 
 CLIPS = (1.0, 0.1, 0.05, 0.03, 0.02)
 
@@ -56,16 +56,10 @@ def gradient_scale_rows(
 
 def read_run(tracking_uri: str, run_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(steps, pre-clip grad norm, format_mean) of the newest run named `run_name` in any experiment."""
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        experiments, f"tags.mlflow.runName = '{run_name}'", order_by=["attributes.start_time DESC"]
-    )
-    if not runs:
-        raise SystemExit(f"{tracking_uri}: no run named {run_name!r}")
-    run_id = runs[0].info.run_id
+    try:
+        run_id = find_run(tracking_uri, run_name)
+    except LookupError as exc:
+        raise SystemExit(str(exc)) from None
     histories = metric_histories(tracking_uri, run_id, ("learner/grad_norm", "reward/format_mean"))
     missing = [key for key, history in histories.items() if not history]
     if missing:

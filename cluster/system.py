@@ -1,0 +1,309 @@
+"""The Ray system of one run: the actors (rollout workers, reward actor, learner ranks) in their
+placement group, remote calls with named timeouts, rollout-worker replacement, and the weight push.
+
+`cluster.train` drives it; every call here is one phase of a step and names the step, the phase and the
+actor when it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("vqr1.system")
+
+
+@dataclass
+class System:
+    """The actors of one run."""
+
+    rollout_workers: list
+    reward: object
+    learners: list
+    placement_group: object
+    # make_rollout_worker(i) creates rollout worker i in its bundle (to replace a dead one).
+    make_rollout_worker: Callable[[int], object]
+    rollout_restarts: int = 0
+
+
+class RemoteCallError(RuntimeError):
+    """A remote call that failed or timed out, naming the actor, the phase and the step."""
+
+
+def wait(refs, config, phase: str, step: int, actor: str):
+    import ray
+
+    try:
+        return ray.get(refs, timeout=config.cluster.call_timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RemoteCallError(
+            f"step {step}, phase {phase}: {actor} did not answer within cluster.call_timeout_s="
+            f"{config.cluster.call_timeout_s:g}s"
+        ) from exc
+    except ray.exceptions.RayActorError as exc:
+        raise RemoteCallError(f"step {step}, phase {phase}: {actor} died: {exc}") from exc
+
+
+def start_ray(config, env_vars: dict[str, str]) -> None:
+    import os
+
+    import ray
+
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=config.cluster.num_cpus,
+            include_dashboard=False,
+            _node_ip_address=config.cluster.host,
+            runtime_env=runtime_env,
+        )
+
+
+def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:
+    """Reserve the bundles (rollout and learner on separate ones unless colocated), then create the actors."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actor.rollout_actor import create_rollout_worker
+    from learner.learner_actor import create_learner_group
+    from rewards.reward_actor import create_reward_worker
+
+    cluster = config.cluster
+
+    def bundle(*placements):
+        cpus = sum(p.num_cpus for p in placements)
+        gpus = sum(p.num_gpus for p in placements)
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    num_rollout, num_learner = config.rollout.num_workers, config.learner.num_workers
+    if cluster.placement == "colocate":
+        shared = max(num_rollout, num_learner)
+        bundles = [bundle(cluster.rollout, cluster.learner) for _ in range(shared)]
+        rollout_bundles, learner_bundles = list(range(num_rollout)), list(range(num_learner))
+    else:
+        bundles = [bundle(cluster.rollout) for _ in range(num_rollout)]
+        bundles += [bundle(cluster.learner) for _ in range(num_learner)]
+        rollout_bundles = list(range(num_rollout))
+        learner_bundles = list(range(num_rollout, num_rollout + num_learner))
+    bundles = [b if b["CPU"] > 0 or "GPU" in b else {"CPU": 0.01} for b in bundles]
+    group = placement_group(bundles, strategy="PACK")
+    ray.get(group.ready(), timeout=cluster.call_timeout_s)
+
+    def in_bundle(index: int) -> dict:
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        }
+
+    def make_rollout_worker(index: int):
+        return create_rollout_worker(
+            model_path, config.model, config.rollout, cluster.rollout, **in_bundle(rollout_bundles[index])
+        )
+
+    rollout_workers = [make_rollout_worker(i) for i in range(num_rollout)]
+    reward = create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
+    learners = create_learner_group(
+        num_learner,
+        cluster.learner,
+        model_path=model_path,
+        model=config.model,
+        learner=config.learner,
+        train_batch_size=config.train.images_per_step * config.rollout.num_generations,
+        total_steps=config.train.steps,
+        temperature=config.rollout.temperature,
+        placement_group=group,
+        bundle_indices=learner_bundles,
+        timeout_s=cluster.call_timeout_s,
+    )
+    system = System(rollout_workers, reward, learners, group, make_rollout_worker)
+    if cluster.resolved_weight_transport == "nccl":
+        open_weight_transfer(system, config, step=0)
+    return system
+
+
+def open_weight_transfer(system: System, config, step: int) -> None:
+    """GPU: (re)open the NCCL weight-transfer group of learner rank 0 and every rollout worker."""
+    phase = "weight transfer setup"
+    address, port = wait(system.learners[0].rendezvous_address.remote(), config, phase, step, "learners")
+    refs = [
+        learner.open_weight_transfer.remote(
+            system.rollout_workers,
+            address,
+            port,
+            config.rollout.tensor_parallel_size,  # vLLM workers per engine, each an NCCL rank
+            config.cluster.call_timeout_s,
+        )
+        for learner in system.learners
+    ]
+    wait(refs, config, phase, step, "learners")
+
+
+def shard(items: list, parts: int) -> list[list]:
+    """Split items into `parts` contiguous, nearly equal shards (order kept)."""
+    return [[items[i] for i in chunk] for chunk in np.array_split(np.arange(len(items)), parts)]
+
+
+def read_images(paths: list[str]) -> list[bytes]:
+    """Encoded image files: each image travels once per step as its bytes, never as G pixel copies."""
+    return [Path(p).read_bytes() for p in paths]
+
+
+def generate(system: System, config, images: list[bytes], step: int) -> list:
+    """G completions per image, the batch split across the rollout workers; a dead worker is replaced
+    (current weights loaded) and the step's generation redone, up to cluster.max_worker_restarts times."""
+    import ray
+
+    while True:
+        shards = shard(list(range(len(images))), len(system.rollout_workers))
+        # Unseeded requests: each engine's generator was seeded once (rollout.seed). Per-request seeds
+        # crash vLLM 0.32's CPU runner on large batches ("CPU Generator does not use offset").
+        refs = [
+            worker.generate.remote([images[i] for i in indices], config.rollout.num_generations)
+            for worker, indices in zip(system.rollout_workers, shards, strict=True)
+            if indices
+        ]
+        try:
+            per_worker = wait(refs, config, "generate", step, "rollout workers")
+            return [rollout for rollouts in per_worker for rollout in rollouts]
+        except RemoteCallError as exc:
+            if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+                raise
+            replace_dead_rollout_workers(system, config, step, exc)
+
+
+def replace_dead_rollout_workers(
+    system: System, config, step: int, cause: Exception, phase: str = "generate"
+) -> None:
+    import ray
+
+    dead = []
+    for index, worker in enumerate(system.rollout_workers):
+        try:
+            ray.get(worker.ping.remote(), timeout=config.cluster.call_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            dead.append(index)
+    if not dead:
+        raise cause
+    if system.rollout_restarts + len(dead) > config.cluster.max_worker_restarts:
+        raise RemoteCallError(
+            f"step {step}, phase {phase}: rollout worker(s) {dead} died and the "
+            f"cluster.max_worker_restarts={config.cluster.max_worker_restarts} restarts of this run are used up"
+        ) from cause
+    for index in dead:
+        log.warning("step %d: rollout worker %d died (%s); starting a replacement", step, index, cause)
+        ray.kill(system.rollout_workers[index], no_restart=True)
+        system.rollout_workers[index] = system.make_rollout_worker(index)
+        system.rollout_restarts += 1
+    if config.cluster.resolved_weight_transport == "nccl":
+        open_weight_transfer(system, config, step)  # a new group, with the replacements in it
+    # The replacement starts from the initial weights: load the learners' current ones.
+    push_weights(system, config, step, [system.rollout_workers[i] for i in dead])
+
+
+def update(
+    system: System, config, images: list[bytes], prompt: str, rollouts: list, advantages, step: int
+) -> dict:
+    """mu GRPO updates on the learners; each rank gets a contiguous shard of the images."""
+    from learner.policy import PolicySample
+
+    samples = [
+        PolicySample(image=image, prompt=prompt, completions=[c.token_ids for c in rollout.completions])
+        for image, rollout in zip(images, rollouts, strict=True)
+    ]
+    total_sequences = sum(len(s.completions) for s in samples)
+    total_tokens = sum(len(ids) for s in samples for ids in s.completions)
+    shards = shard(list(range(len(samples))), len(system.learners))
+    refs = [
+        learner.train_step.remote(
+            [samples[i] for i in indices],
+            [advantages[i].tolist() for i in indices],
+            config.learner.num_iterations,
+            total_sequences,
+            total_tokens,
+        )
+        for learner, indices in zip(system.learners, shards, strict=True)
+    ]
+    per_rank = wait(refs, config, "update", step, "learners")
+    return per_rank[0]  # rank 0 reports the globally reduced metrics
+
+
+def push_weights(system: System, config, step: int, workers: list | None = None) -> None:
+    """Gather the policy from the learners (every rank takes part) and load it into the rollout workers
+    (`workers`, default all; over NCCL always all)."""
+    import ray
+
+    if config.cluster.resolved_weight_transport == "nccl":
+        # Rank 0 broadcasts GPU to GPU. A worker lost mid-broadcast leaves rank 0 blocked in NCCL, so
+        # this ends the run (call_timeout_s) and resume continues from the last checkpoint.
+        wait(
+            [learner.send_weights.remote() for learner in system.learners],
+            config,
+            "weight push",
+            step,
+            "learners",
+        )
+        return
+    # Rank 0 returns references to its buckets in the object store; each rollout worker fetches them.
+    bucket_refs = wait(
+        [learner.weight_buckets.remote(config.learner.weight_bucket_bytes) for learner in system.learners],
+        config,
+        "weight push",
+        step,
+        "learners",
+    )[0]
+    targets = system.rollout_workers if workers is None else workers
+    try:
+        wait(
+            [w.update_weights.remote(bucket_refs) for w in targets],
+            config,
+            "weight push",
+            step,
+            "rollout workers",
+        )
+    except RemoteCallError as exc:
+        if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+            raise
+        # A worker that died here is replaced, and the replacement is loaded with these same weights.
+        replace_dead_rollout_workers(system, config, step, exc, phase="weight push")
+
+
+def save_checkpoint(system: System, config, step: int, sampler, tracker) -> Path:
+    from cluster import checkpoints
+
+    root = Path(config.checkpoint.dir)
+    staging = checkpoints.staging_dir(root, step)
+    wait(
+        [learner.save_checkpoint.remote(str(staging)) for learner in system.learners],
+        config,
+        "checkpoint",
+        step,
+        "learners",
+    )
+    state = {"step": step, "sampler": vars(sampler.state), "mlflow_run_id": tracker.run_id}
+    return checkpoints.commit(root, step, state, config.checkpoint.keep_last)
+
+
+def weight_sync_gap(system: System, config, image: bytes, prompt: str, step: int) -> float:
+    """Largest |log-prob difference| between each rollout worker and the learner on a greedy completion."""
+    from learner.policy import PolicySample
+
+    gaps = []
+    for worker in system.rollout_workers:
+        (rollout,) = wait(
+            worker.generate.remote([image], 1, temperature=0.0), config, "sync check", step, "rollout worker"
+        )
+        completion = rollout.completions[0]
+        sample = PolicySample(image=image, prompt=prompt, completions=[completion.token_ids])
+        # Every rank takes part (a ZeRO-3 forward is collective); rank 0's answer is used.
+        refs = [learner.logprobs.remote([sample]) for learner in system.learners]
+        per_rank = wait(refs, config, "sync check", step, "learners")
+        learner_logprobs = per_rank[0][0]  # rank 0, the one completion
+        gaps.append(max(abs(a - b) for a, b in zip(completion.logprobs, learner_logprobs, strict=True)))
+    return max(gaps)

@@ -1,0 +1,1 @@
+"""One-off analyses of training runs and the base model; not part of the installed package."""
