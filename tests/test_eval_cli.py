@@ -1,9 +1,11 @@
 """`vqr1 eval` end to end: the tiny checkpoint through the real vLLM engine on the built-in benchmark."""
 
+import csv
 import json
 
 import mlflow
 import pytest
+from scipy.stats import spearmanr
 
 from cluster.cli import main
 
@@ -19,6 +21,12 @@ def test_vqr1_eval_writes_csv_json_png_and_an_mlflow_run(tmp_path, tiny_override
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "eval_metrics.json").read_text())
     assert report["n_images"] == 8 and report["samples_per_image"] == 2
-    assert -1.0 <= report["overall"]["srcc"] <= 1.0
+    # The reported SRCC is the one of the predictions written beside it.
+    with (out / "eval_predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    srcc = spearmanr([float(r["pred_mean"]) for r in rows], [float(r["mos"]) for r in rows]).statistic
+    assert report["overall"]["srcc"] == pytest.approx(srcc)
     runs = mlflow.search_runs(experiment_names=["visualquality-r1"], output_format="list")
-    assert any("eval/srcc" in run.data.metrics for run in runs)
+    assert [run.data.metrics["eval/srcc"] for run in runs if "eval/srcc" in run.data.metrics] == [
+        pytest.approx(srcc)
+    ]

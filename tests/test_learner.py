@@ -213,7 +213,6 @@ def test_first_step_metrics_and_gradient_equal_a_single_process_computation(
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-7)
     assert metrics["num_tokens"] == batch_totals(shards)[1]
     assert metrics["lr"] == pytest.approx(2e-3)
-    assert metrics["logprob_seconds"] > 0 and metrics["update_seconds"] > 0
 
 
 def test_ranks_hold_identical_weights_and_the_push_reproduces_them(

@@ -100,8 +100,12 @@ def test_score_folder_reports_bad_files_and_scores_the_rest(tmp_path, capsys):
     good = rows[str(folder / "good.png")]
     assert good["error"] == "" and good["num_samples"] == "8"
     # Random weights emit digits often enough that a seeded 8 x 48-token run parses some scores.
-    assert int(good["num_parsed"]) > 0 and good["mean_score"] != "" and float(good["spread"]) >= 0
+    assert int(good["num_parsed"]) > 0 and good["mean_score"] != ""
     assert f"{folder / 'good.png'}: score " in output
+    # A random model's mean may leave the 1-5 scale: then it is marked, never printed as if valid.
+    in_range = 1.0 <= float(good["mean_score"]) <= 5.0
+    assert ("OUT OF RANGE" in output) == (not in_range)
+    assert "scoring with" in output and "tiny" in output
     for name in ("corrupt.jpg", "notes.txt"):
         assert rows[str(folder / name)]["error"] and rows[str(folder / name)]["num_samples"] == "0"
     assert "missing" in rows[str(missing)]["error"]
