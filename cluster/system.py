@@ -35,6 +35,8 @@ class RemoteCallError(RuntimeError):
 
 
 def wait(refs, config, phase: str, step: int, actor: str):
+    """ray.get(refs) within cluster.call_timeout_s. A call whose actor died raises at once, while the
+    others still run (a learner rank blocked in a collective with the dead peer does not hold the run)."""
     import ray
 
     try:
@@ -58,12 +60,24 @@ def start_ray(config, env_vars: dict[str, str]) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(
-            num_cpus=config.cluster.num_cpus,
-            include_dashboard=False,
-            _node_ip_address=config.cluster.host,
-            runtime_env=runtime_env,
-        )
+        from ray._private import ray_constants
+
+        # Ray swaps a loopback node address for the machine's own (so that other nodes could join), and
+        # then every process of the node listens on all interfaces. Its single-node mode (the default on
+        # macOS and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) keeps cluster.host as given, so with
+        # the default host everything listens on loopback only. The flag is read when ray is imported,
+        # too early for an environment variable here; it only matters while the node starts.
+        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(
+                num_cpus=config.cluster.num_cpus,
+                include_dashboard=False,
+                _node_ip_address=config.cluster.host,
+                runtime_env=runtime_env,
+            )
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:

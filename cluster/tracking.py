@@ -7,10 +7,13 @@ import fcntl
 import math
 import os
 import re
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric, Param
 
 from configs.load import dump_config
 from configs.schema import Config, TrackingConfig
@@ -54,29 +57,65 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class Tracker:
-    """One MLflow run; `run_id` lets a resumed job continue the same run."""
+# Tags that let a later run tell whether this run's driver is still alive.
+PID_TAG, PID_STARTED_TAG, HOST_TAG = "vqr1.driver_pid", "vqr1.driver_started", "vqr1.driver_host"
+RESUMED_FROM_TAG = "vqr1.resumed_from"
 
-    def __init__(self, config: Config, run_id: str | None = None):
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of process `pid` (None if there is none): a pid alone may have been reused."""
+    import psutil
+
+    try:
+        return str(psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess:
+        return None
+
+
+class Tracker:
+    """One MLflow run per run of the driver. A resumed run starts a new MLflow run that carries the
+    history of the run it continues up to the checkpoint's step (MLflow cannot delete logged points, so
+    continuing the old run would show the lost steps twice); the old run is tagged and ended KILLED."""
+
+    def __init__(self, config: Config, resume: tuple[str, int] | None = None):
         self.uri = resolve_tracking_uri(config.tracking)
-        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
         with store_creation_lock(self.uri):
-            mlflow.set_experiment(config.tracking.experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=config.tracking.run_name)
-        self.run_id = self.run.info.run_id
-        if run_id is None:
-            mlflow.log_params(flatten(config.model_dump(mode="json")))
-            mlflow.log_text(dump_config(config), "config.yaml")
+            experiment = self.client.get_experiment_by_name(config.tracking.experiment)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else self.client.create_experiment(config.tracking.experiment)
+            )
+        self.ended_dead_runs = end_runs_of_dead_drivers(self.client, experiment_id)
+        pid = os.getpid()
+        tags = {PID_TAG: str(pid), PID_STARTED_TAG: process_start_time(pid), HOST_TAG: socket.gethostname()}
+        if resume is not None:
+            tags[RESUMED_FROM_TAG] = resume[0]
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=config.tracking.run_name, tags=tags
+        ).info.run_id
+        params = [Param(key, value) for key, value in flatten(config.model_dump(mode="json")).items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limit for params
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.client.log_text(self.run_id, dump_config(config), "config.yaml")
+        if resume is not None:
+            previous_run_id, step = resume
+            copy_history(self.client, previous_run_id, self.run_id, step)
+            if self.client.get_run(previous_run_id).info.status == "RUNNING":
+                self.client.set_terminated(previous_run_id, status="KILLED")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        now = int(time.time() * 1000)
+        points = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=points)
 
     def log_table(self, rows: list[dict], name: str) -> None:
         if rows:
-            mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, artifact_file=name)
+            self.client.log_table(self.run_id, {key: [row[key] for row in rows] for key in rows[0]}, name)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=folder)
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def log_evaluation(self, prefix: str, report: dict, files: list[Path], step: int) -> None:
         """An iqa.evaluate report as metrics (`<prefix>/srcc`, `<prefix>/<dataset>/srcc`,
@@ -93,18 +132,14 @@ class Tracker:
         for group, result in groups.items():
             for key, value in result.items():
                 if isinstance(value, int | float) and math.isfinite(value):
-                    metrics[metric_key(prefix, group, key) if group else metric_key(prefix, key)] = float(
-                        value
-                    )
-        mlflow.log_metrics(metrics, step=step)
+                    name = metric_key(prefix, group, key) if group else metric_key(prefix, key)
+                    metrics[name] = float(value)
+        self.log_metrics(metrics, step)
         for path in files:
-            mlflow.log_artifact(str(path), artifact_path=prefix)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        mlflow.set_tags(tags)
+            self.log_artifact(path, prefix)
 
     def finish(self, status: str = "FINISHED") -> None:
-        mlflow.end_run(status=status)
+        self.client.set_terminated(self.run_id, status=status)
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} in {self.uri} (open it with `make mlflow-ui`)"
@@ -131,3 +166,29 @@ def find_run(tracking_uri: str, run_name: str) -> str:
     if not runs:
         raise LookupError(f"{tracking_uri}: no run named {run_name!r}")
     return runs[0].info.run_id
+
+
+def copy_history(client, source_run_id: str, target_run_id: str, up_to_step: int) -> None:
+    """Every metric point of the source run at steps <= up_to_step, logged into the target run."""
+    points = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in client.get_run(source_run_id).data.metrics
+        for m in client.get_metric_history(source_run_id, key)
+        if m.step <= up_to_step
+    ]
+    for start in range(0, len(points), 1000):  # MLflow's batch limit
+        client.log_batch(target_run_id, metrics=points[start : start + 1000])
+
+
+def end_runs_of_dead_drivers(client, experiment_id: str) -> list[str]:
+    """Mark FAILED the experiment's RUNNING runs whose driver (on this host) no longer runs; their ids."""
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+            continue  # another machine's driver, or a run not started by the driver: cannot tell
+        if process_start_time(int(tags[PID_TAG])) != tags.get(PID_STARTED_TAG):
+            client.set_terminated(run.info.run_id, status="FAILED")
+            client.set_tag(run.info.run_id, "vqr1.ended_by", "a later run found its driver dead")
+            ended.append(run.info.run_id)
+    return ended

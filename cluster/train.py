@@ -82,7 +82,9 @@ def run(config) -> dict:
     tracker = None
     try:
         system = create_system(config, model_path, labels)
-        tracker = Tracker(config, run_id=resume[1]["mlflow_run_id"] if resume else None)
+        tracker = Tracker(config, resume=(resume[1]["mlflow_run_id"], resume[1]["step"]) if resume else None)
+        for run_id in tracker.ended_dead_runs:
+            print(f"MLflow run {run_id} was left RUNNING by a driver that died: marked FAILED")
         start_step = 0
         if resume:
             folder, state = resume

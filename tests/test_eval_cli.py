@@ -26,7 +26,8 @@ def test_vqr1_eval_writes_csv_json_png_and_an_mlflow_run(tmp_path, tiny_override
         rows = list(csv.DictReader(handle))
     srcc = spearmanr([float(r["pred_mean"]) for r in rows], [float(r["mos"]) for r in rows]).statistic
     assert report["overall"]["srcc"] == pytest.approx(srcc)
-    runs = mlflow.search_runs(experiment_names=["visualquality-r1"], output_format="list")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("visualquality-r1").experiment_id])
     assert [run.data.metrics["eval/srcc"] for run in runs if "eval/srcc" in run.data.metrics] == [
         pytest.approx(srcc)
     ]

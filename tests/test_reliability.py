@@ -113,6 +113,31 @@ def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step(
 
 
 @pytest.mark.slow
+def test_a_dead_rank_ends_the_wait_while_its_peer_still_blocks():
+    """One rank killed while the other is blocked (as in a collective with a dead peer): the wait ends
+    with the error at once, not after cluster.call_timeout_s."""
+    import ray
+
+    from cluster.system import RemoteCallError, wait
+
+    config = load_config("cpu-tiny", ["cluster.call_timeout_s=600"])
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        blocked, doomed = (ray.remote(Sleeper).options(num_cpus=0).remote() for _ in range(2))
+        refs = [blocked.nap.remote(600), doomed.nap.remote(600)]
+        time.sleep(1)
+        started = time.monotonic()
+        ray.kill(doomed)
+        with pytest.raises(RemoteCallError, match=r"step 4, phase update: learners died"):
+            wait(refs, config, "update", 4, "learners")
+        assert time.monotonic() - started < 30
+        ray.kill(blocked)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
 def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_overrides):
     """SIGKILL the rollout worker's process after step 1: the run still ends after 3 steps."""
 
@@ -207,6 +232,14 @@ def test_driver_killed_after_a_checkpoint_resumes_and_trains_the_uninterrupted_r
     )
     assert resumed, output[-3000:]
     assert read_trained_images(tmp_path / "out") == read_trained_images(first_tmp / "out")
+    # MLflow: the resumed run shows every step once (the lost steps replaced, not repeated), and the
+    # run the killed driver left RUNNING is ended by the resume.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    steps = [m.step for m in client.get_metric_history(result["mlflow_run_id"], "reward/total_mean")]
+    assert sorted(steps) == [1, 2, 3], steps
+    killed_run = client.get_run(result["mlflow_run_id"]).data.tags["vqr1.resumed_from"]
+    assert client.get_run(killed_run).info.status in ("FAILED", "KILLED")
 
 
 OPEN_TRACKER = """
