@@ -109,3 +109,21 @@ def test_score_folder_reports_bad_files_and_scores_the_rest(tmp_path, capsys):
     for name in ("corrupt.jpg", "notes.txt"):
         assert rows[str(folder / name)]["error"] and rows[str(folder / name)]["num_samples"] == "0"
     assert "missing" in rows[str(missing)]["error"]
+
+
+def test_without_model_it_scores_with_the_runs_newest_checkpoint_or_says_it_is_untrained(tmp_path):
+    from cluster import checkpoints
+    from cluster.score import scoring_model
+    from configs.load import load_config
+
+    config = load_config("cpu-default", [f"checkpoint.dir={tmp_path / 'checkpoints'}"])
+    args = parse(["score", "x.png"])
+    path, which = scoring_model(config, args)
+    assert path.name == "vqr1-small-cold-start" and "UNTRAINED" in which and "make train" in which
+    for step in (10, 20):
+        staging = checkpoints.staging_dir(tmp_path / "checkpoints", step)
+        staging.mkdir(parents=True)
+        (staging / "config.json").write_text("{}")
+        checkpoints.commit(tmp_path / "checkpoints", step, {"step": step}, keep_last=3)
+    path, which = scoring_model(config, args)
+    assert path == tmp_path / "checkpoints" / "step-000020" and "step 20" in which

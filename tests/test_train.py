@@ -181,10 +181,23 @@ def test_evaluations_between_steps_leave_the_training_samples_alone(first_run, t
     overrides = tiny_overrides(
         tmp_path, 3, "checkpoint.every=1", "train.verify_weight_sync=true", "eval.every=1"
     )
-    subprocess.run(
-        [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides], cwd=ROOT, check=True
+    console = subprocess.run(
+        [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     evaluated = json.loads((tmp_path / "out" / "result.json").read_text())
+    # One line per step on the console; vLLM's per-push INFO lines go to the run's log file only.
+    output = console.stdout + console.stderr
+    assert [line.split(" |")[0] for line in output.splitlines() if line.startswith("step ")] == [
+        "step 1/3",
+        "step 2/3",
+        "step 3/3",
+    ]
+    assert "Reloading and processing weights" not in output
+    assert "Reloading and processing weights" in (tmp_path / "out" / "train.log").read_text()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logged = mlflow.tracking.MlflowClient(uri).get_run(evaluated["mlflow_run_id"]).data.metrics
     assert "eval_step1/srcc" in logged and "eval_step2/srcc" in logged
