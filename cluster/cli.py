@@ -29,13 +29,14 @@ def add_train_parser(subparsers) -> None:
 def run_train(args) -> int:
     from cluster.train import run
     from configs.load import ConfigError, load_config
+    from iqa.report import BadInputError
 
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        result = run(config)
+    except (ConfigError, BadInputError) as exc:  # the message names the key, or the file, row and reason
         print(exc, file=sys.stderr)
         return 2
-    result = run(config)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))

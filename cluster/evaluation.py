@@ -10,6 +10,7 @@ where it was.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,16 +131,21 @@ def add_eval_parser(subparsers) -> None:
 def run_eval_command(args) -> int:
     from actor.rollout_engine import RolloutEngine
     from cluster.tracking import Tracker
-    from configs.load import load_config
+    from configs.load import ConfigError, load_config
+    from iqa.report import BadInputError
     from iqa.splits import load_run_data
     from models.base_model import cold_start_for_run
     from vlm.factory import resolve_model_path
 
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+        _, eval_split, _ = load_run_data(config)
+    except (ConfigError, BadInputError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     model_path = resolve_model_path(config.model, config.data.models_cache_dir)
     if config.model.cold_start is not None:  # the run's own cold start (models/base_model.py), as it trained
         model_path = cold_start_for_run(config, model_path)
-    _, eval_split, _ = load_run_data(config)
     engine = RolloutEngine(model_path, config.model, config.rollout)
     score_images = image_scorer(config, [engine.generate], lambda results: results)
     tracker = Tracker(

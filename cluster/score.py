@@ -83,7 +83,8 @@ def scoring_model(config, args) -> tuple[Path, str]:
 
 
 def collect_files(paths: list[str]) -> list[Path]:
-    """Files named directly, plus every non-hidden file under named folders (sorted); missing paths kept."""
+    """Files named directly, plus every non-hidden file (and broken link, to be reported) under named
+    folders (sorted); missing paths kept."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -91,7 +92,8 @@ def collect_files(paths: list[str]) -> list[Path]:
             files.extend(
                 p
                 for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                if (p.is_file() or p.is_symlink())
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
         else:
             files.append(path)

@@ -34,10 +34,13 @@ A dataset whose labels are all equal gets mos 3 (the midpoint) for every image.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import os
+import re
+import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -159,16 +162,37 @@ def _require(columns: Iterable[str], required: Iterable[str], label_file: Path) 
         raise BadInputError(f"{label_file}: missing column(s) {missing}; the header has {have}")
 
 
+def read_label_text(label_file: Path) -> str:
+    """The label file as text: UTF-8, with or without a byte-order mark; anything else is refused by name."""
+    try:
+        return label_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(
+            f"{label_file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise BadInputError(f"{label_file}: cannot read the label file ({exc.strerror or exc})") from None
+
+
 def read_csv_rows(label_file: Path, required: list[str]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) pairs of a CSV file with a header line; the line number counts the header as 1."""
-    with open(label_file, newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
+    """(line number, row) pairs of a CSV file with a header line; the line number counts the header as 1.
+
+    Fields are separated by commas, or by the semicolons or tabs of a spreadsheet export: whichever the
+    header line holds most of. CRLF line ends and a UTF-8 byte-order mark are fine.
+    """
+    text = read_label_text(label_file)
+    header = text.partition("\n")[0]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=max(",;\t", key=header.count))
+    rows = []
+    try:
         _require(reader.fieldnames or [], required, label_file)
-        rows = []
         for row in reader:
             if any(value and value.strip() for value in row.values() if isinstance(value, str)):
                 rows.append((reader.line_num, {str(k).strip(): v for k, v in row.items()}))
-        return rows
+    except csv.Error as exc:
+        raise BadInputError(f"{label_file}:{reader.line_num}: unreadable CSV ({exc})") from None
+    return rows
 
 
 def _header_index(sheet_rows: list[tuple], required: list[str]) -> int | None:
@@ -182,8 +206,12 @@ def _header_index(sheet_rows: list[tuple], required: list[str]) -> int | None:
 def read_xlsx_rows(label_file: Path, required: list[str]) -> list[tuple[int, dict[str, object]]]:
     """(spreadsheet row, row) pairs of the first sheet whose header names all `required` columns."""
     from openpyxl import load_workbook  # only spreadsheet formats need it
+    from openpyxl.utils.exceptions import InvalidFileException
 
-    workbook = load_workbook(label_file, read_only=True, data_only=True)
+    try:
+        workbook = load_workbook(label_file, read_only=True, data_only=True)
+    except (InvalidFileException, zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise BadInputError(f"{label_file}: not a readable .xlsx workbook ({exc})") from None
     try:
         sheets = [list(sheet.iter_rows(values_only=True)) for sheet in workbook.worksheets]
     finally:
@@ -255,6 +283,7 @@ def read_livec(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     """LIVE In the Wild Challenge; entries 1-7 (the practice images) are left out, as is usual."""
     import numpy as np
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     images_file = locate_label_file(spec, "AllImages_release.mat", "Data/AllImages_release.mat")
     mos_file = images_file.with_name("AllMOS_release.mat")
@@ -262,7 +291,10 @@ def read_livec(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     for path, key in ((images_file, "AllImages_release"), (mos_file, "AllMOS_release")):
         if not path.is_file():
             raise BadInputError(f"{path}: LIVE Challenge label file is missing")
-        content = loadmat(path)
+        try:
+            content = loadmat(path)
+        except (MatReadError, ValueError, OSError) as exc:
+            raise BadInputError(f"{path}: not a readable MATLAB file ({exc})") from None
         if key not in content:
             raise BadInputError(
                 f"{path}: missing variable {key!r}; it has {sorted(k for k in content if k[0] != '_')}"
@@ -348,7 +380,7 @@ def read_text(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     """Whitespace-separated "name score [ref]" lines; blank lines and lines starting with # are skipped."""
     label_file = locate_label_file(spec, "scores.txt", "mos.txt", "labels.txt")
     rows = []
-    for line_number, line in enumerate(label_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line_number, line in enumerate(read_label_text(label_file).splitlines(), start=1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
@@ -370,16 +402,10 @@ def read_jsonl(spec: DatasetSpec, data: DataConfig) -> LabelTable:
     """The published JSONL; the MOS is the gpt turn's value; an optional "ref" key names the reference."""
     label_file = locate_label_file(spec, "data.jsonl", "train.jsonl")
     rows = []
-    for line_number, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(read_label_text(label_file).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{label_file}:{line_number}: not valid JSON ({exc})") from None
-        missing = [key for key in ("id", "image", "conversations") if key not in record]
-        if missing:
-            raise BadInputError(f"{label_file}:{line_number}: missing field(s) {missing}")
+        record = _jsonl_record(label_file, line_number, line)
         images = record["image"] if isinstance(record["image"], list) else [record["image"]]
         answers = [turn.get("value") for turn in record["conversations"] if turn.get("from") == "gpt"]
         rows.append(
@@ -393,6 +419,24 @@ def read_jsonl(spec: DatasetSpec, data: DataConfig) -> LabelTable:
             )
         )
     return LabelTable(label_file, locate_image_dir(spec), rows)
+
+
+def _jsonl_record(label_file: Path, line_number: int, line: str) -> dict:
+    """One JSONL line as a record with the fields `read_jsonl` needs; anything else stops the load."""
+    where = f"{label_file}:{line_number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise BadInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("id", "image", "conversations") if key not in record]
+    if missing:
+        raise BadInputError(f"{where}: missing field(s) {missing}")
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise BadInputError(f'{where}: "conversations" must be a list of {{from, value}} objects')
+    return record
 
 
 @register_format("builtin", rescale=False)
@@ -434,8 +478,12 @@ def read_tint(spec: DatasetSpec, data: DataConfig) -> LabelTable:
 
 def write_jsonl(dataset: Dataset, path: str | Path, question: str) -> Path:
     """Write rows in the published JSONL layout, `question` as the human turn (`vlm.prompts.prompt_question`);
-    image paths relative to the JSONL file's folder."""
+    image paths relative to the JSONL file's folder, which must hold every image (the loader refuses paths
+    that leave it)."""
     path = Path(path)
+    outside = [image for image in dataset["image"] if _leaves(path.parent.absolute(), image)]
+    if outside:
+        raise ValueError(f"{path}: {len(outside)} images lie outside {path.parent}, e.g. {outside[0]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as out:
         for row in dataset:
@@ -453,6 +501,9 @@ def write_jsonl(dataset: Dataset, path: str | Path, question: str) -> Path:
 # ---------------------------------------------------------------- the shared validation path
 
 
+DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+
+
 def _mos_problem(value: object) -> tuple[float | None, str | None]:
     """(the label as a float, None) or (None, why it is not a usable label)."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -462,6 +513,8 @@ def _mos_problem(value: object) -> tuple[float | None, str | None]:
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
+        if isinstance(value, str) and DECIMAL_COMMA.fullmatch(value.strip()):
+            return None, f"MOS {value!r} is not a number (a decimal comma? write it with a point)"
         return None, f"MOS {value!r} is not a number"
     if math.isnan(number):
         return None, "MOS is NaN"
@@ -476,6 +529,21 @@ def _image_error(path: Path) -> ImageLoadError | None:
     except ImageLoadError as exc:
         return exc
     return None
+
+
+def _leaves(folder: Path, image: str) -> bool:
+    """Whether the label file's `image` path ("../../etc/passwd", "/home/...") points outside `folder`.
+
+    Judged on the path as written (not through symlinks), so a dataset may link its image folder elsewhere.
+    """
+    root = os.path.abspath(folder)
+    return os.path.commonpath([root, os.path.abspath(os.path.join(root, image))]) != root
+
+
+def _duplicate(first: LabelRow, name: str, mos: float) -> str:
+    first_mos, _ = _mos_problem(first.mos)
+    labels = "the same label" if first_mos == mos else f"a different label ({first_mos:g}, now {mos:g})"
+    return f"duplicate of row {first.row} ({name}), with {labels}; the first row is kept"
 
 
 @dataclass
@@ -497,7 +565,7 @@ def _validate(
             raise fail(bad)
         report.bad.append(bad)
 
-    first_seen: dict[tuple[str, str], int] = {}
+    first_seen: dict[tuple[str, str], LabelRow] = {}
     candidates = []
     for label in table.rows:
         image = label.image.strip()
@@ -506,6 +574,10 @@ def _validate(
                 BadRow(label_file, label.row, "no image", "image name is empty or unusable", field="image")
             )
             continue
+        if _leaves(table.image_dir, image):
+            reason = f"image path leads outside the image folder {table.image_dir}; refused"
+            reject(BadRow(label_file, label.row, "outside dataset", reason, image=image, field="image"))
+            continue
         mos, problem = _mos_problem(label.mos)
         if problem:
             reject(BadRow(label_file, label.row, "bad MOS", problem, image=image, field="mos"))
@@ -513,10 +585,13 @@ def _validate(
         dataset = label.dataset or dataset_name
         key = (dataset, label.id or image)
         if key in first_seen:
-            reason = f"duplicate of row {first_seen[key]} ({key[1]})"
-            reject(BadRow(label_file, label.row, "duplicate", reason, image=image))
+            reject(
+                BadRow(
+                    label_file, label.row, "duplicate", _duplicate(first_seen[key], key[1], mos), image=image
+                )
+            )
             continue
-        first_seen[key] = label.row
+        first_seen[key] = label
         candidates.append(_Candidate(label, table.image_dir / image, mos, dataset))
     if not check_images:
         return candidates, report
@@ -580,6 +655,7 @@ def load_dataset_spec(
     if not table.rows:
         raise BadInputError(f"{table.label_file}: no rows")
     kept, report = _validate(table, dataset_name, on_bad_input, check_images, progress)
+    report.bad.sort(key=lambda bad: bad.row or 0)  # label checks and image checks found them in two passes
     if report.bad:
         logger.warning("%s", report.summary())
     if not kept:

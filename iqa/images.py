@@ -9,14 +9,26 @@ What `load_image` guarantees:
     I and F: the range is inferred from the image's maximum: <= 1 is a unit float image (x 255),
              <= 255 is already 8-bit, anything larger is 16-bit (/ 257), then clipped to [0, 255];
 - multi-frame files (GIF, TIFF) give their first frame.
+What it refuses, for a file or encoded bytes (an `ImageLoadError`, kind in brackets):
+- a file that cannot be read: [missing], [broken link] (a symlink loop or a dangling link), [not a file],
+  [unreadable] (permissions), [zero-byte];
+- data that is no image Pillow can decode: [not an image] (text, HTML, ...), [unsupported format] (HEIC,
+  or AVIF where Pillow lacks it), [truncated], [corrupt];
+- sizes the model cannot use (`check_size`): [too small] (a side under one 14 px vision patch),
+  [aspect ratio] (over 200:1, which Qwen2.5-VL's resize refuses), [too large] (over MAX_DECODE_PIXELS,
+  Pillow's decompression-bomb limit: a 20000x15000 photo is refused; anything below it is decoded whole
+  and downscaled to model.max_pixels by the processor).
 Every path that turns an image into pixels (rollout, learner, scoring, evaluation, data check, the
 base-model pipeline) decodes with it. Every failure is an `ImageLoadError` whose message names the file and the reason.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +39,19 @@ ImageInput = Image.Image | bytes | str | Path
 BYTES_NAME = "<bytes>"
 # Errors Pillow's decoders raise on damaged data (truncated streams, broken chunks, bad headers).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+# Qwen2.5-VL sees an image as 14x14 px patches: a side below one patch holds no detail the model can judge
+# (the processor would blow it up into blur).
+MIN_SIDE = 14
+# Qwen2.5-VL's smart_resize raises on a longer/shorter side ratio above this, mid-step; refuse it up front.
+MAX_ASPECT_RATIO = 200
+# Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS; vLLM's VLLM_MAX_IMAGE_PIXELS too), kept
+# here so that a library lifting Pillow's global cannot lift it.
+MAX_DECODE_PIXELS = 178_956_970
+# ISO media "ftyp" brands of formats Pillow may lack a decoder for, and what to call them.
+FTYP_FORMATS = {
+    **dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"), "HEIC/HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
+}
 
 
 class ImageLoadError(ValueError):
@@ -45,33 +70,118 @@ def _damage_kind(exc: Exception) -> str:
     return "truncated" if "truncat" in str(exc).lower() else "corrupt"
 
 
+def _missing(path: Path, exc: OSError) -> ImageLoadError:
+    """Why `path` could not even be looked at (its stat failed)."""
+    name = str(path)
+    if exc.errno == errno.ELOOP:
+        return ImageLoadError(name, "broken link", "symbolic link loop (the link leads back to itself)")
+    if path.is_symlink():
+        return ImageLoadError(name, "broken link", f"symbolic link to a missing file ({os.readlink(path)})")
+    if exc.errno == errno.ENOENT:
+        return ImageLoadError(name, "missing", "file is missing")
+    return ImageLoadError(name, "unreadable", f"cannot read the file ({exc.strerror or exc})")
+
+
+def _read(path: Path) -> bytes:
+    name = str(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise _missing(path, exc) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError(name, "not a file", "not a regular file")
+    if info.st_size == 0:
+        raise ImageLoadError(name, "zero-byte", "zero-byte file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageLoadError(name, "unreadable", f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def _unidentified(data: bytes, name: str) -> ImageLoadError:
+    """What a file Pillow does not recognise is, as far as its first bytes tell."""
+    brand = FTYP_FORMATS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+    if brand:
+        return ImageLoadError(
+            name,
+            "unsupported format",
+            f"{brand} image, which this installation cannot decode (no Pillow plugin for it); "
+            "convert it to JPEG or PNG",
+        )
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<!doctype html") or b"<html" in head:
+        what = "an HTML page, perhaps a failed download saved under an image name"
+    elif head.startswith((b"<svg", b"<?xml")):
+        what = "SVG/XML text, a vector drawing rather than pixels"
+    elif _is_text(data[:512]):
+        what = "text"
+    else:
+        what = "no known image format"
+    return ImageLoadError(name, "not an image", f"not an image: {what}")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c.isspace() for c in text)
+
+
+def check_size(width: int, height: int, name: str = BYTES_NAME) -> None:
+    """Raise `ImageLoadError` for a size Qwen2.5-VL cannot use: see MIN_SIDE, MAX_ASPECT_RATIO and
+    MAX_DECODE_PIXELS."""
+    size = f"{width}x{height} px"
+    if width * height > MAX_DECODE_PIXELS:
+        megapixels, limit = width * height / 1e6, MAX_DECODE_PIXELS / 1e6
+        raise ImageLoadError(
+            name,
+            "too large",
+            f"too large: {size} ({megapixels:.0f} Mpx) is over the {limit:.0f} Mpx decompression-bomb limit; "
+            "downscale it first",
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageLoadError(
+            name,
+            "too small",
+            f"too small: {size}; Qwen2.5-VL needs at least {MIN_SIDE} px (one vision patch) on each side",
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageLoadError(
+            name,
+            "aspect ratio",
+            f"aspect ratio {ratio:.0f}:1 ({size}) is over {MAX_ASPECT_RATIO}:1, which Qwen2.5-VL's image "
+            "resize refuses; crop it",
+        )
+
+
 def _open(source: str | Path | bytes) -> tuple[Image.Image, str]:
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         if not data:
             raise ImageLoadError(BYTES_NAME, "zero-byte", "zero-byte image data")
-        name, stream = BYTES_NAME, io.BytesIO(data)
+        name = BYTES_NAME
     elif isinstance(source, str | Path):
-        path = Path(source)
-        name = str(path)
-        if not path.exists():
-            raise ImageLoadError(name, "missing", "file is missing")
-        if not path.is_file():
-            raise ImageLoadError(name, "not a file", "not a regular file")
-        if path.stat().st_size == 0:
-            raise ImageLoadError(name, "zero-byte", "zero-byte file")
-        stream = io.BytesIO(path.read_bytes())
+        name = str(source)
+        data = _read(Path(source))
     else:
         raise TypeError(f"an image must be a PIL image, encoded bytes or a path, got {type(source).__name__}")
     try:
-        return Image.open(stream), name
+        img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageLoadError(name, "not an image", "not an image (no known image format)") from None
+        raise _unidentified(data, name) from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(name, "too large", f"image too large to decode safely ({exc})") from None
+        raise ImageLoadError(name, "too large", f"too large to decode safely ({exc})") from None
     except DECODE_ERRORS as exc:
         kind = _damage_kind(exc)
         raise ImageLoadError(name, kind, f"{kind} image header ({exc})") from None
+    try:
+        check_size(*img.size, name)
+    except ImageLoadError:
+        img.close()
+        raise
+    return img, name
 
 
 def _decode(img: Image.Image, name: str) -> None:

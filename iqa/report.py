@@ -38,7 +38,8 @@ class BadInputError(ValueError):
 
 def fail(bad: BadRow) -> BadInputError:
     return BadInputError(
-        f"{bad}. Set data.on_bad_input=skip to leave such rows out, or list them all with "
+        f"{bad}. data.on_bad_input=error stops at the first bad row: set data.on_bad_input=skip to leave "
+        "such rows out (each one is counted in the report), or list them all with "
         "`vqr1 data check --format FORMAT PATH`."
     )
 
@@ -60,7 +61,10 @@ class BadInputReport:
         if not self.bad:
             return f"{self.dataset}: {self.rows_read} rows, none bad"
         counts = ", ".join(f"{n} x {reason}" for reason, n in sorted(self.reason_counts().items()))
-        return f"{self.dataset}: {self.rows_read} rows, {len(self.bad)} bad rows left out ({counts})"
+        return (
+            f"{self.dataset}: {self.rows_read} rows, {len(self.bad)} bad rows left out "
+            f"(on_bad_input=skip: {counts})"
+        )
 
     def lines(self) -> list[str]:
         return [self.summary(), *(f"  {b}" for b in self.bad)]

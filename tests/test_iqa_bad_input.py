@@ -62,7 +62,7 @@ CASES = {
 
 def _dataset(tmp_path, bad_line: str, files: dict[str, bytes]) -> DatasetSpec:
     for name, shade in (("a.png", 10), ("b.png", 90), ("c.png", 200)):
-        Image.new("RGB", (8, 8), (shade,) * 3).save(tmp_path / name)
+        Image.new("RGB", (16, 16), (shade,) * 3).save(tmp_path / name)
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "scores.txt").write_text(f"a.png 1\nc.png 5\n{bad_line}\nb.png 2\n")
@@ -89,7 +89,7 @@ def test_skip_mode_leaves_the_row_out_and_reports_it(tmp_path, case):
     assert bad.row == BAD_LINE and bad.kind == kind and bad.label_file.endswith("scores.txt")
     assert reason in bad.reason
     assert report.reason_counts() == {kind: 1}
-    assert f"1 bad rows left out (1 x {kind})" in report.summary()
+    assert f"1 bad rows left out (on_bad_input=skip: 1 x {kind})" in report.summary()
     assert f"scores.txt:{BAD_LINE}" in report.lines()[1]
 
 
@@ -102,7 +102,7 @@ def test_missing_column_stops_in_both_modes(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["error", "skip"])
 def test_csv_row_numbers_are_file_lines(tmp_path, mode):
-    Image.new("RGB", (8, 8)).save(tmp_path / "I01_01_01.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "I01_01_01.png")
     (tmp_path / "dmos.csv").write_text(
         "dist_img,ref_img,dmos,var\nI01_01_01.png,I01.png,4.1,0.1\nI01_01_02.png,I01.png,,0.1\n"
     )

@@ -34,7 +34,7 @@ COLUMNS = ["id", "image", "mos_raw", "mos", "dataset", "ref"]
 
 def write_image(path, shade: int = 128, fmt: str | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 6), (shade, 255 - shade, 60)).save(path, format=fmt)
+    Image.new("RGB", (16, 14), (shade, 255 - shade, 60)).save(path, format=fmt)
     return path
 
 
@@ -217,9 +217,11 @@ def test_jsonl_round_trip_keeps_mixed_dataset_names(tmp_path):
     ]
     mixed, report = load_datasets(specs, DataConfig(), progress=False)
     assert mixed["dataset"] == ["one", "one", "two", "two"] and report.kept == 4
-    out = write_jsonl(mixed, tmp_path / "export" / "train.jsonl", prompt_question(thinking=True))
+    with pytest.raises(ValueError, match="4 images lie outside"):  # the loader would refuse "../imgs/a.png"
+        write_jsonl(mixed, tmp_path / "export" / "train.jsonl", prompt_question(thinking=True))
+    out = write_jsonl(mixed, tmp_path / "train.jsonl", prompt_question(thinking=True))
     first = json.loads(out.read_text().splitlines()[0])
-    assert first["image"] == ["../imgs/a.png"] and first["dataset_name"] == "one"
+    assert first["image"] == ["imgs/a.png"] and first["dataset_name"] == "one"
     assert [turn["from"] for turn in first["conversations"]] == ["human", "gpt"]
     assert "image quality assessment" in first["conversations"][0]["value"]
     back = load("jsonl", out)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa.images import ImageLoadError, check_image, fit_pixels, load_image
+from iqa.images import ImageLoadError, check_image, check_size, fit_pixels, load_image
 
 
 def _gradient(width: int = 24, height: int = 16) -> Image.Image:
@@ -50,33 +50,33 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_alpha_is_composited_on_white():
-    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     out = np.asarray(load_image(_encoded(rgba, "PNG")))
     assert tuple(out[1, 1]) == (255, 255, 255)
     assert tuple(out[0, 0]) == (255, 0, 0)
-    la = Image.new("LA", (4, 4), (0, 128))
+    la = Image.new("LA", (16, 16), (0, 128))
     assert tuple(np.asarray(load_image(_encoded(la, "PNG")))[0, 0]) == (127, 127, 127)
 
 
 def test_palette_with_transparency_and_cmyk():
-    pal = Image.new("P", (4, 4), 0)
+    pal = Image.new("P", (16, 16), 0)
     pal.putpalette([10, 20, 30] + [0, 0, 0] * 255)
     pal.info["transparency"] = 0
     assert tuple(np.asarray(load_image(_encoded(pal, "PNG")))[0, 0]) == (255, 255, 255)
-    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
     out = np.asarray(load_image(_encoded(cmyk, "JPEG", quality=95)))[0, 0]
     assert out[0] > 240 and out[1] < 15 and out[2] < 15
 
 
 def test_high_bit_depth_is_scaled_to_8bit(tmp_path):
-    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    sixteen = Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16))
     path = tmp_path / "deep.png"
     sixteen.save(path)
     assert tuple(np.asarray(load_image(path))[0, 0]) == (255, 255, 255)
-    unit_float = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")
+    unit_float = Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), mode="F")
     assert tuple(np.asarray(load_image(_encoded(unit_float, "TIFF")))[0, 0]) == (128, 128, 128)
-    int32 = Image.fromarray(np.full((4, 4), 100, dtype=np.int32), mode="I")
+    int32 = Image.fromarray(np.full((16, 16), 100, dtype=np.int32), mode="I")
     assert tuple(np.asarray(load_image(_encoded(int32, "TIFF")))[0, 0]) == (100, 100, 100)
 
 
@@ -145,3 +145,21 @@ def test_a_decoded_image_goes_through_the_same_conversion():
     assert converted is not rgb and np.array_equal(np.asarray(converted), np.asarray(rgb))
     with pytest.raises(TypeError, match="PIL image, encoded bytes or a path"):
         load_image(3)
+
+
+def test_size_limits_are_the_qwen_processors():
+    """check_size refuses exactly the aspect ratios that smart_resize (transformers and vLLM) raises on."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    for width, height in ((4000, 20), (20, 4000), (14, 14), (13_000, 13_000)):
+        check_size(width, height)
+        smart_resize(height, width)
+    for width, height in ((4020, 20), (20, 4020)):
+        with pytest.raises(ImageLoadError, match="aspect ratio 201:1"):
+            check_size(width, height)
+        with pytest.raises(ValueError, match="aspect ratio"):
+            smart_resize(height, width)
+    with pytest.raises(ImageLoadError, match="too small: 13x100 px"):
+        check_size(13, 100)
+    with pytest.raises(ImageLoadError, match=r"too large: 20000x15000 px \(300 Mpx\)"):
+        check_size(20000, 15000)
