@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from configs.schema import ModelConfig, PlacementConfig, RolloutConfig
 
 
@@ -15,6 +17,9 @@ class RolloutWorker:
         apply_default_env()
         route_logs_from_env()
         from actor.rollout_engine import RolloutEngine
+        from vlm.weight_sync import require_own_gpu
+
+        require_own_gpu()
 
         self.engine = RolloutEngine(model_path, model_cfg, rollout_cfg)
 
@@ -64,15 +69,30 @@ class RolloutWorker:
     def finish_weight_update(self) -> int:
         return self.engine.finish_weight_update()
 
+    def shutdown_weight_transfer(self) -> None:
+        self.engine.shutdown_weight_transfer()
+
+
+def engine_seed(run_seed: int, worker_index: int) -> int:
+    """The sampling seed of rollout worker `worker_index`'s engine: engines seeded alike would draw the
+    same samples for the same image. Worker 0 keeps the run seed, so one-worker runs (every CPU preset)
+    draw as before; the others get a SeedSequence draw of (run seed, index): run_seed + index would give
+    worker 1 of run seed 0 the stream of worker 0 of run seed 1."""
+    if worker_index == 0:
+        return run_seed
+    return int(np.random.SeedSequence([run_seed, worker_index]).generate_state(1)[0])
+
 
 def create_rollout_worker(
     model_path: str | Path,
     model_cfg: ModelConfig,
     rollout_cfg: RolloutConfig,
     placement: PlacementConfig,
+    worker_index: int = 0,
     **ray_options,
 ):
-    """Start a RolloutWorker actor with the placement's CPUs/GPUs; returns its handle (Ray must be initialised).
+    """Start rollout worker `worker_index` (its engine seeded by `engine_seed`) with the placement's
+    CPUs/GPUs; returns its handle (Ray must be initialised).
 
     `ray_options` go to `.options()` as they are (scheduling_strategy, max_restarts, name, ...).
     """
@@ -81,4 +101,5 @@ def create_rollout_worker(
     actor_class = ray.remote(RolloutWorker).options(
         num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, **ray_options
     )
-    return actor_class.remote(str(model_path), model_cfg, rollout_cfg)
+    seeded = rollout_cfg.model_copy(update={"seed": engine_seed(rollout_cfg.seed, worker_index)})
+    return actor_class.remote(str(model_path), model_cfg, seeded)

@@ -117,8 +117,56 @@ def _apart_from_engine_stream(seed: int):
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def suppression_bias(token_ids: list[int]) -> dict[int, float]:
+    """`SamplingParams.logit_bias` that keeps `token_ids` from ever being sampled.
+
+    Both of vLLM 0.32's runners add the bias to the logits (the V1/CPU runner's LogitBiasLogitsProcessor,
+    Model Runner V2's logit-bias kernel), so -inf masks a token exactly as `allowed_token_ids` would.
+    Unlike `allowed_token_ids` it names the few banned ids, not the ~150k allowed ones: Model Runner V2,
+    which vLLM picks on CUDA, caps both lists (vllm/v1/worker/gpu/sample/logit_bias.py). Only the
+    OpenAI server clamps a bias to [-100, 100]; `SamplingParams` keeps it. The reported log-probs are
+    the raw ones, taken before any bias.
+    """
+    return dict.fromkeys(token_ids, float("-inf"))
+
+
+def build_sampling_params(
+    cfg: RolloutConfig,
+    stop_token_ids: list[int],
+    suppressed_token_ids: list[int],
+    n: int,
+    temperature: float | None = None,
+    seed: int | None = None,
+    top_logprobs: int = 0,
+):
+    """The `SamplingParams` of one request: n samples under the rollout config (temperature overridable);
+    suppressed_token_ids are never sampled when cfg.suppress_vision_tokens is on."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_tokens=cfg.max_new_tokens,
+        seed=seed,
+        logprobs=top_logprobs,
+        stop_token_ids=stop_token_ids,
+        logit_bias=suppression_bias(suppressed_token_ids) if cfg.suppress_vision_tokens else None,
+        skip_special_tokens=True,
+    )
+
+
 class RolloutEngine:
-    def __init__(self, model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        weight_transfer_backend: str = "nccl",
+    ) -> None:
+        """weight_transfer_backend: vLLM's weight-transfer backend on CUDA ("nccl", what training uses;
+        "ipc" for a trainer on the same GPU, bench.gpu_check); none on the CPU."""
         # Read by vLLM when the engine is created; in-process start-up is ~20 s faster on the CPU.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout_cfg.in_process_engine else "1"
         import torch
@@ -135,8 +183,7 @@ class RolloutEngine:
         }
         self.stop_token_ids = [self._token_id(t) for t in STOP_TOKENS]
         self.digit_token_ids = [self._token_id(str(digit)) for digit in range(10)]
-        suppressed = {self._token_id(t) for t in VISION_SPECIAL_TOKENS}
-        self.allowed_token_ids = [i for i in range(len(tokenizer)) if i not in suppressed]
+        self.suppressed_token_ids = sorted({self._token_id(t) for t in VISION_SPECIAL_TOKENS})
         self.weight_version = 0
 
         longest_prompt = max(len(tokenizer(text)["input_ids"]) for text in self.prompt_texts.values())
@@ -161,7 +208,7 @@ class RolloutEngine:
             # Sampling comes only from RolloutConfig, never from the checkpoint's generation_config.json.
             generation_config="vllm",
             worker_extension_cls=WORKER_EXTENSION,
-            weight_transfer_config=engine_weight_transfer_config(),
+            weight_transfer_config=engine_weight_transfer_config(weight_transfer_backend),
             **memory,
         )
 
@@ -171,20 +218,14 @@ class RolloutEngine:
     def sampling_params(
         self, n: int, temperature: float | None = None, seed: int | None = None, top_logprobs: int = 0
     ):
-        from vllm import SamplingParams
-
-        cfg = self.rollout_cfg
-        return SamplingParams(
-            n=n,
-            temperature=cfg.temperature if temperature is None else temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            max_tokens=cfg.max_new_tokens,
-            seed=seed,
-            logprobs=top_logprobs,
-            stop_token_ids=self.stop_token_ids,
-            allowed_token_ids=self.allowed_token_ids if cfg.suppress_vision_tokens else None,
-            skip_special_tokens=True,
+        return build_sampling_params(
+            self.rollout_cfg,
+            self.stop_token_ids,
+            self.suppressed_token_ids,
+            n,
+            temperature,
+            seed,
+            top_logprobs,
         )
 
     def generate(
@@ -327,3 +368,7 @@ class RolloutEngine:
     def finish_weight_update(self) -> int:
         self.llm.finish_weight_update()
         return self._weights_changed()
+
+    def shutdown_weight_transfer(self) -> None:
+        """Release the transfer group (the engine keeps serving); a no-op when none is open."""
+        self.llm.shutdown_weight_transfer_engine()

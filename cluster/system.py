@@ -71,6 +71,9 @@ def start_ray(config, env_vars: dict[str, str]) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             ray.init(
+                # A node of its own: without "local", ray.init joins any Ray already running on the
+                # machine (another run's, a test's) and fails on num_cpus or shares its resources.
+                address="local",
                 num_cpus=config.cluster.num_cpus,
                 include_dashboard=False,
                 _node_ip_address=config.cluster.host,
@@ -80,10 +83,52 @@ def start_ray(config, env_vars: dict[str, str]) -> None:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
-def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:
-    """Reserve the bundles (rollout and learner on separate ones unless colocated), then create the actors."""
+def reserve_placement(config) -> dict[str, tuple[object, list[int]]]:
+    """Reserve the bundles of each role and wait for them: {"rollout": (placement group, bundle index of
+    each worker), "learner": (placement group, bundle index of each rank)}.
+
+    Dedicated: one placement group per role, so the two roles never share a bundle. The learners' is
+    STRICT_PACK, all ranks on one node (ZeRO-3 gathers every layer in every step, over the node's links
+    rather than the network), and is reserved first, while a whole node may still be free; the rollout
+    workers' is PACK. Colocated: one group whose bundles hold both roles' resources.
+    """
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    cluster = config.cluster
+    num_rollout, num_learner = config.rollout.num_workers, config.learner.num_workers
+
+    def bundle(*placements) -> dict:
+        cpus = sum(p.num_cpus for p in placements)
+        gpus = sum(p.num_gpus for p in placements)
+        resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        return resources if cpus > 0 or gpus else {"CPU": 0.01}  # Ray rejects an empty bundle
+
+    def reserve(role: str, bundles: list[dict], strategy: str):
+        group = placement_group(bundles, strategy=strategy)
+        try:
+            ray.get(group.ready(), timeout=cluster.call_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            remove_placement_group(group)
+            where = "on one node" if strategy == "STRICT_PACK" else "in the cluster"
+            raise RemoteCallError(
+                f"step 0, phase placement: the {role} bundles ({len(bundles)} x {bundles[0]}) were not free "
+                f"{where} within cluster.call_timeout_s={cluster.call_timeout_s:g}s"
+            ) from exc
+        return group
+
+    if cluster.placement == "colocate":
+        shared = [bundle(cluster.rollout, cluster.learner) for _ in range(max(num_rollout, num_learner))]
+        group = reserve("colocated", shared, "PACK")
+        return {"rollout": (group, list(range(num_rollout))), "learner": (group, list(range(num_learner)))}
+    learners = reserve("learner", [bundle(cluster.learner) for _ in range(num_learner)], "STRICT_PACK")
+    rollout = reserve("rollout", [bundle(cluster.rollout) for _ in range(num_rollout)], "PACK")
+    return {"rollout": (rollout, list(range(num_rollout))), "learner": (learners, list(range(num_learner)))}
+
+
+def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:
+    """Reserve the bundles (`reserve_placement`; System.placement_group holds its result), then create
+    the actors in them."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actor.rollout_actor import create_rollout_worker
@@ -91,40 +136,27 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
     from rewards.reward_actor import create_reward_worker
 
     cluster = config.cluster
-
-    def bundle(*placements):
-        cpus = sum(p.num_cpus for p in placements)
-        gpus = sum(p.num_gpus for p in placements)
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-    num_rollout, num_learner = config.rollout.num_workers, config.learner.num_workers
-    if cluster.placement == "colocate":
-        shared = max(num_rollout, num_learner)
-        bundles = [bundle(cluster.rollout, cluster.learner) for _ in range(shared)]
-        rollout_bundles, learner_bundles = list(range(num_rollout)), list(range(num_learner))
-    else:
-        bundles = [bundle(cluster.rollout) for _ in range(num_rollout)]
-        bundles += [bundle(cluster.learner) for _ in range(num_learner)]
-        rollout_bundles = list(range(num_rollout))
-        learner_bundles = list(range(num_rollout, num_rollout + num_learner))
-    bundles = [b if b["CPU"] > 0 or "GPU" in b else {"CPU": 0.01} for b in bundles]
-    group = placement_group(bundles, strategy="PACK")
-    ray.get(group.ready(), timeout=cluster.call_timeout_s)
-
-    def in_bundle(index: int) -> dict:
-        return {
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-        }
+    placement = reserve_placement(config)
+    rollout_group, rollout_bundles = placement["rollout"]
+    learner_group, learner_bundles = placement["learner"]
 
     def make_rollout_worker(index: int):
+        strategy = PlacementGroupSchedulingStrategy(
+            rollout_group, placement_group_bundle_index=rollout_bundles[index]
+        )
         return create_rollout_worker(
-            model_path, config.model, config.rollout, cluster.rollout, **in_bundle(rollout_bundles[index])
+            model_path,
+            config.model,
+            config.rollout,
+            cluster.rollout,
+            worker_index=index,
+            scheduling_strategy=strategy,
         )
 
-    rollout_workers = [make_rollout_worker(i) for i in range(num_rollout)]
+    rollout_workers = [make_rollout_worker(i) for i in range(config.rollout.num_workers)]
     reward = create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
     learners = create_learner_group(
-        num_learner,
+        config.learner.num_workers,
         cluster.learner,
         model_path=model_path,
         model=config.model,
@@ -132,23 +164,36 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
         train_batch_size=config.train.images_per_step * config.rollout.num_generations,
         total_steps=config.train.steps,
         temperature=config.rollout.temperature,
-        placement_group=group,
+        placement_group=learner_group,
         bundle_indices=learner_bundles,
         timeout_s=cluster.call_timeout_s,
     )
-    system = System(rollout_workers, reward, learners, group, make_rollout_worker)
+    system = System(rollout_workers, reward, learners, placement, make_rollout_worker)
     if cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step=0)
     return system
 
 
 def open_weight_transfer(system: System, config, step: int) -> None:
-    """GPU: (re)open the NCCL weight-transfer group of learner rank 0 and every rollout worker."""
+    """GPU: (re)open the NCCL weight-transfer group of learner rank 0 and every rollout worker.
+
+    Every rollout worker answers a ping first: the group's rendezvous waits for all of its ranks, so a
+    worker still loading its model (a replacement) would hold the learners there, and a dead one would
+    fail them late and without its name. Then the group open from before (it held a replaced worker) is
+    shut down on both sides, on the engines with vLLM's shutdown_weight_transfer_engine (a no-op where
+    none is open), and the new one opens on a fresh port.
+    """
     phase = "weight transfer setup"
+    workers = system.rollout_workers
+    wait([worker.ping.remote() for worker in workers], config, phase, step, "rollout workers")
+    closing = [learner.close_weight_transfer.remote() for learner in system.learners]
+    wait(closing, config, phase, step, "learners")
+    shutting = [worker.shutdown_weight_transfer.remote() for worker in workers]
+    wait(shutting, config, phase, step, "rollout workers")
     address, port = wait(system.learners[0].rendezvous_address.remote(), config, phase, step, "learners")
     refs = [
         learner.open_weight_transfer.remote(
-            system.rollout_workers,
+            workers,
             address,
             port,
             config.rollout.tensor_parallel_size,  # vLLM workers per engine, each an NCCL rank

@@ -37,6 +37,8 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     freeze_vision: bool = False
     gradient_checkpointing: bool = False
+    # flash_attention_2 is an opt-in: it needs the `flash` extra built for the node's CUDA torch, checked
+    # when the config loads.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     cold_start: ColdStartConfig | None = None
@@ -47,7 +49,24 @@ class ModelConfig(Section):
             raise ValueError("set model.path (a local checkpoint folder) or model.preset")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"model.min_pixels ({self.min_pixels}) > model.max_pixels ({self.max_pixels})")
+        if self.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
+            raise ValueError(
+                "model.attn_implementation=flash_attention_2 needs the flash_attn package, which cannot be "
+                "imported here: install it (pip install -e '.[flash]', built for this node's CUDA torch) "
+                "or use model.attn_implementation=sdpa"
+            )
         return self
+
+
+def _importable(module: str) -> bool:
+    # An import, not a find_spec: a wheel built for another torch or CUDA is found but fails to import.
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 class DatasetSpec(Section):
@@ -113,12 +132,24 @@ class RolloutConfig(Section):
     seed: int = 0
     # Forbid sampling <|image_pad|> and the other vision special tokens (they crash the learner's forward).
     suppress_vision_tokens: bool = True
+    # Only 1: a rollout worker holds one placement bundle of cluster.rollout.num_gpus, and nothing
+    # places the extra vLLM workers a tensor-parallel engine needs (Qwen2.5-VL-7B fits one GPU).
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0)
     kv_cache_gib: float = Field(1.0, gt=0.0, description="CPU KV cache size")
     enforce_eager: bool = False
     # In-process engine: much faster start-up, fine for one engine per process.
     in_process_engine: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size} is not supported: each rollout "
+                "worker holds one placement bundle (cluster.rollout.num_gpus) and its engine runs on that "
+                "one GPU; use tensor_parallel_size=1 and more rollout.num_workers"
+            )
+        return self
 
 
 class RewardConfig(Section):
@@ -185,6 +216,7 @@ class PlacementConfig(Section):
 class ClusterConfig(Section):
     # Ray address: null starts a local Ray (or joins RAY_ADDRESS when set).
     address: str | None = None
+    # The local Ray's node address; on loopback (the default) every process Ray starts listens on it only.
     host: str = "127.0.0.1"
     num_cpus: int | None = None
     # "dedicated": rollout and learner bundles on separate resources; "colocate": share them.

@@ -7,8 +7,9 @@ after all of a rank's micro-batches), so the batch sizes here only have to descr
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -125,3 +126,35 @@ def reference_config(policy_config: dict) -> dict:
         "bf16": dict(policy_config["bf16"]),
         "steps_per_print": STEPS_PER_PRINT,
     }
+
+
+class _Zero3Loading:
+    """What transformers' DeepSpeed hook reads while a model loads (HfDeepSpeedConfig would do, but it
+    needs accelerate, which this project does not install): the config and that it is ZeRO-3."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def partitioned_loading(config: dict) -> Iterator[None]:
+    """Inside, transformers' `from_pretrained` builds the model under `deepspeed.zero.Init(config)` and
+    loads the checkpoint into the partitions: a rank never holds more than its share of the weights
+    (the checkpoint itself is memory-mapped, shared by the node's ranks through the page cache).
+
+    `config` must be a ZeRO-3 config; the process group must exist. The hook is removed on exit, so
+    models loaded later in the process (a CPU reference) load whole.
+    """
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("partitioned loading needs a ZeRO-3 DeepSpeed config")
+    hook = _Zero3Loading(config)  # transformers keeps only a weak reference: hold it for the block
+    set_hf_deepspeed_config(hook)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()

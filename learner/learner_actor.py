@@ -33,7 +33,7 @@ from learner.policy import (
     sequence_logprobs,
 )
 from vlm.factory import load_processor
-from vlm.weight_sync import WeightMeta, serialize_buckets
+from vlm.weight_sync import WeightMeta, require_own_gpu, serialize_buckets
 
 # Engine state (optimizer, scheduler, ZeRO partitions) lives in this subfolder of a checkpoint; the
 # folder itself holds the policy in Hugging Face format.
@@ -102,6 +102,7 @@ class LearnerWorker:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
+        require_own_gpu()  # before NCCL: two ranks on one GPU fail late and obscurely
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
         )
@@ -110,7 +111,13 @@ class LearnerWorker:
         self.config = deepspeed_config(learner, train_batch_size, self.world_size)
         # DeepSpeed's bf16 mode wants bf16 modules (it keeps fp32 master weights in the optimizer).
         dtype = torch.bfloat16 if learner.bf16 else torch.float32
-        policy = load_policy_model(model_path, model, dtype, trainable=True)
+        # Under ZeRO-3 every rank loads straight into its partitions: a 7B policy and reference whole on
+        # the host, on each rank of a node at once, would need ~33 GB per rank.
+        zero3 = learner.zero_stage == 3
+        policy = load_policy_model(
+            model_path, model, dtype, trainable=True, zero3_config=self.config if zero3 else None
+        )
+        partitioned_at_load = zero3 and all(hasattr(p, "ds_id") for p in policy.parameters())
         self.checkpoint_names = checkpoint_names(policy)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
@@ -123,12 +130,13 @@ class LearnerWorker:
         self.pad_token_id = pad_token(self.processor)
         self.reference = None
         if learner.beta > 0:
-            reference = load_policy_model(model_path, model, dtype, trainable=False)
-            if learner.zero_stage == 3:
+            reference_zero3 = reference_config(self.config) if zero3 else None
+            reference = load_policy_model(
+                model_path, model, dtype, trainable=False, zero3_config=reference_zero3
+            )
+            if zero3:
                 # Sharded like the policy: a 7B reference would not fit beside it on every GPU.
-                self.reference, *_ = deepspeed.initialize(
-                    model=reference, config=reference_config(self.config)
-                )
+                self.reference, *_ = deepspeed.initialize(model=reference, config=reference_zero3)
             else:
                 self.reference = reference.to(self.engine.device)
         return {
@@ -136,6 +144,7 @@ class LearnerWorker:
             "device": str(self.engine.device),
             "backend": torch.distributed.get_backend(),
             "trainable_parameters": sum(_numel(p) for p in trainable),
+            "partitioned_at_load": partitioned_at_load,
             "micro_batch_size": self.config["train_micro_batch_size_per_gpu"],
             "micro_batches_per_step": self.config["gradient_accumulation_steps"],
         }

@@ -1,4 +1,5 @@
-"""Policy model code for the learner (no Ray, no DeepSpeed): per-token log-probs of sampled completions.
+"""Policy model code for the learner (no Ray; DeepSpeed only to load into ZeRO-3 partitions): per-token
+log-probs of sampled completions.
 
 A `PolicySample` is one image with its prompt text and the completions sampled for it. Each image is
 decoded and run through the processor once; its G (or fewer, on a shard) sequences share that encoding
@@ -7,6 +8,7 @@ and only their micro-batch concatenates pixel values per sequence, as Qwen2.5-VL
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,17 +285,31 @@ def vision_tower(model) -> torch.nn.Module:
     return visual
 
 
-def load_policy_model(path: str | Path, model_config: ModelConfig, dtype: torch.dtype, trainable: bool):
-    """Load the HF checkpoint for training (trainable) or as a frozen reference, with the config's options."""
+def load_policy_model(
+    path: str | Path,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    trainable: bool,
+    zero3_config: dict | None = None,
+):
+    """Load the HF checkpoint for training (trainable) or as a frozen reference, with the config's options.
+
+    zero3_config (a ZeRO-3 DeepSpeed config, process group up): load straight into this rank's
+    partitions (`learner.deepspeed_config.partitioned_loading`) instead of the whole model on the host.
+    """
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(path),
-        dtype=dtype,
-        attn_implementation=model_config.attn_implementation,
-        trust_remote_code=model_config.trust_remote_code,
-        local_files_only=True,
-    )
+    from learner.deepspeed_config import partitioned_loading
+
+    loading = partitioned_loading(zero3_config) if zero3_config is not None else contextlib.nullcontext()
+    with loading:
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation=model_config.attn_implementation,
+            trust_remote_code=model_config.trust_remote_code,
+            local_files_only=True,
+        )
     vision_tower(model)
     model.config.use_cache = False
     if not trainable:

@@ -62,6 +62,8 @@ def test_fidelity_with_one_generation_is_rejected():
         ("cluster.placement=everywhere", "placement"),
         ("cluster.weight_transport=nccl", "weight_transport=nccl needs whole GPUs"),
         ("model.gradient_checkpointing=true", "share_prompt_forward needs the KV cache"),
+        # Each rollout worker holds one bundle of one GPU: nothing would place a TP engine's workers.
+        ("rollout.tensor_parallel_size=2", "tensor_parallel_size=2 is not supported"),
     ],
 )
 def test_impossible_combinations_are_rejected(override, message):
@@ -94,3 +96,26 @@ def test_bad_override_syntax_and_missing_preset(tmp_path):
 )
 def test_weight_transport_auto_picks_nccl_only_when_both_sides_have_gpus(preset, overrides, transport):
     assert load_config(preset, overrides).cluster.resolved_weight_transport == transport
+
+
+GPU_PRESETS = ["gpu-7b-1node", "gpu-7b-2node", "paper-recipe-7b"]
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_gpu_presets_train_the_whole_model_with_sdpa(preset):
+    model = load_config(preset).model
+    # The published recipe fine-tunes the vision tower too (docs/method.md); sdpa needs no extra.
+    assert not model.freeze_vision
+    assert model.attn_implementation == "sdpa"
+
+
+def test_flash_attention_is_checked_when_the_config_loads(monkeypatch):
+    import sys
+    import types
+
+    flash = ["model.attn_implementation=flash_attention_2"]
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # an import of it fails, installed or not
+    with pytest.raises(ConfigError, match=r"flash_attention_2 needs the flash_attn package.*sdpa"):
+        load_config("gpu-7b-1node", flash)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert load_config("gpu-7b-1node", flash).model.attn_implementation == "flash_attention_2"

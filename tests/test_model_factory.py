@@ -19,8 +19,8 @@ from vlm.factory import (  # noqa: E402
     load_processor,
     resolve_model_path,
 )
-from vlm.tokens import SPECIAL_TOKENS, token_id  # noqa: E402
 from vlm.prompts import build_prompt_text, prompt_question  # noqa: E402
+from vlm.tokens import SPECIAL_TOKENS, token_id  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,10 @@ def hf_next_token_probs(engine: RolloutEngine, model, image: Image.Image, prefix
 
 def test_vision_tokens_are_never_sampled(engine, hf_model):
     banned = set(vision_token_ids(engine))
+    # A -inf logit bias on the few vision ids (vLLM's CUDA runner caps allowed_token_ids lists).
+    params = engine.sampling_params(16)
+    assert params.allowed_token_ids is None
+    assert params.logit_bias == dict.fromkeys(sorted(banned), float("-inf"))
     # The random tiny model gives these tokens real probability: greedy transformers picks one here.
     inputs = hf_inputs(engine, noise_image(0))
     with torch.no_grad():
@@ -243,6 +247,13 @@ def test_vision_tokens_are_never_sampled(engine, hf_model):
     rollouts = engine.generate([noise_image(s) for s in range(4)], 16, temperature=1.5, seed=7)
     sampled = {t for r in rollouts for c in r.completions for t in c.token_ids}
     assert not banned & sampled
+
+
+def test_shutting_down_a_weight_transfer_never_opened_keeps_the_engine_serving(engine, hf_model):
+    """cluster.system.open_weight_transfer shuts every engine's transfer down before it opens a new
+    group; vLLM's call for it is a no-op on an engine with none open (the CPU one has no backend)."""
+    engine.shutdown_weight_transfer()
+    assert_greedy_matches_transformers(engine, hf_model, noise_image(8))
 
 
 def test_weight_push_makes_vllm_follow_the_new_weights(engine, hf_model):

@@ -14,7 +14,8 @@ CPU (and any machine without CUDA) -- bytes through the control plane:
 GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     every CUDA engine is built with `weight_transfer_config={"backend": "nccl"}`. Each learner rank holds
     an `NcclWeightSender`; rank 0's opens one NCCL group with all vLLM workers (`init_weight_transfer`)
-    once, and each push runs `start_weight_update` / `update_weights` (packed bucketed broadcast from
+    once every worker answers a ping (`cluster.system.open_weight_transfer`, which also shuts the old
+    group down on both sides before reopening it for a replaced worker), and each push runs `start_weight_update` / `update_weights` (packed bucketed broadcast from
     rank 0, received by the workers concurrently) / `finish_weight_update` through
     `RolloutWorkersClient`, which drives the Ray rollout actors; the other ranks take part in the ZeRO-3
     gathers only. Tensors go GPU to GPU, never through host memory. The caches are reset by
@@ -104,9 +105,9 @@ WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qua
 # ---------------------------------------------------------------------------------------------------
 
 
-def engine_weight_transfer_config() -> dict[str, str] | None:
-    """`LLM(weight_transfer_config=...)`: the NCCL backend on CUDA, none on the CPU (collective_rpc path)."""
-    return {"backend": "nccl"} if torch.cuda.is_available() else None
+def engine_weight_transfer_config(backend: str = "nccl") -> dict[str, str] | None:
+    """`LLM(weight_transfer_config=...)`: vLLM's `backend` on CUDA, none on the CPU (collective_rpc path)."""
+    return {"backend": backend} if torch.cuda.is_available() else None
 
 
 class RolloutWorkersClient:
@@ -177,7 +178,8 @@ class NcclWeightSender:
 
     The rollout engines must have been built on CUDA (`engine_weight_transfer_config()`), and
     `master_address:master_port` must be reachable from them (rank 0's node, a free port). A worker
-    that is replaced needs a new group: `close()` this sender on every rank and open another.
+    that is replaced needs a new group: `close()` this sender on every rank, shut the engines' end down
+    (`RolloutEngine.shutdown_weight_transfer`) and open another (`cluster.system.open_weight_transfer`).
     """
 
     def __init__(
@@ -214,3 +216,46 @@ class NcclWeightSender:
 
     def close(self) -> None:
         self._engine.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One GPU per actor: both transports (and the learners' ZeRO group) put one NCCL rank on each GPU.
+# ---------------------------------------------------------------------------------------------------
+
+
+def gpu_visibility_problem(assigned: list, cuda_visible_devices: str | None, device_count: int) -> str | None:
+    """Why a GPU actor would not work on the GPU Ray gave it, or None when it sees exactly that one.
+
+    assigned: `ray.get_gpu_ids()` (empty for a CPU actor: nothing to check). Every actor works on cuda:0,
+    which is its own GPU only because Ray narrows CUDA_VISIBLE_DEVICES to it. Containers that set
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES leave all GPUs visible, so every engine and learner rank
+    of a node would pile onto the node's first GPU.
+    """
+    if not assigned:
+        return None
+    ids = [str(i) for i in assigned]
+    visible = None if cuda_visible_devices is None else [d.strip() for d in cuda_visible_devices.split(",")]
+    if len(ids) == 1 and device_count == 1 and visible in (None, ids):
+        return None
+    shown = "unset" if cuda_visible_devices is None else repr(cuda_visible_devices)
+    return (
+        f"Ray gave this actor GPU(s) {ids}, but it sees {device_count} CUDA device(s) "
+        f"(CUDA_VISIBLE_DEVICES={shown}); each GPU actor must see exactly one GPU, its own, because it "
+        "works on cuda:0. Unset RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (so Ray narrows "
+        "CUDA_VISIBLE_DEVICES per actor) and give each actor at most one GPU."
+    )
+
+
+def require_own_gpu() -> None:
+    """In a Ray actor: raise `gpu_visibility_problem`'s message, if any. Outside an actor, nothing to check."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    problem = gpu_visibility_problem(
+        ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+    )
+    if problem is not None:
+        raise RuntimeError(problem)
