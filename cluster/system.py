@@ -1,5 +1,5 @@
 """The Ray system of one run: the actors (rollout workers, reward actor, learner ranks) in their
-placement group, remote calls with named timeouts, rollout-worker replacement, and the weight push.
+placement groups (one per role), remote calls with named timeouts, rollout-worker replacement, and the weight push.
 
 `cluster.train` drives it; every call here is one phase of a step and names the step, the phase and the
 actor when it fails.
