@@ -96,7 +96,7 @@ def test_hung_remote_call_ends_with_a_timeout_error_naming_actor_phase_and_step(
     from cluster.system import RemoteCallError, wait
 
     config = load_config("cpu-tiny", ["cluster.call_timeout_s=2"])
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
     # Ray's workers cannot import this test module: ship the Sleeper class by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
@@ -121,7 +121,7 @@ def test_a_dead_rank_ends_the_wait_while_its_peer_still_blocks():
     from cluster.system import RemoteCallError, wait
 
     config = load_config("cpu-tiny", ["cluster.call_timeout_s=600"])
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         blocked, doomed = (ray.remote(Sleeper).options(num_cpus=0).remote() for _ in range(2))

@@ -44,7 +44,7 @@ def test_permuted_labels_stay_within_each_dataset():
 def test_reward_actor_under_ray():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         actor = create_reward_worker(RewardConfig(), LABELS, PlacementConfig(num_cpus=0))
         ids = ["k1", "k2", "k4"]

@@ -91,7 +91,13 @@ def test_push_through_the_ray_rollout_actor(tmp_path):
     perturbed = {name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in original.items()}
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (84, 112, 3), dtype=np.uint8))
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     try:
         worker = create_rollout_worker(
             checkpoint,
