@@ -79,8 +79,8 @@ class Tracker:
 
     def __init__(self, config: Config, resume: tuple[str, int] | None = None):
         self.uri = resolve_tracking_uri(config.tracking)
-        self.client = mlflow.MlflowClient(self.uri)
-        with store_creation_lock(self.uri):
+        with store_creation_lock(self.uri):  # the client opens (and on first use migrates) the store
+            self.client = mlflow.MlflowClient(self.uri)
             experiment = self.client.get_experiment_by_name(config.tracking.experiment)
             experiment_id = (
                 experiment.experiment_id
