@@ -176,7 +176,7 @@ def test_cold_start_reaches_format_target_on_tiny_preset(tmp_path):
     assert cold_start_checkpoint(recipe, tmp_path) == path
     assert weights.stat().st_mtime_ns == mtime  # cached: not trained again
 
-    result = measure(path, recipe, answers=True, num_samples=4)
+    result = measure(path, recipe, answers=True, num_samples=8)
     assert result["held_out_images"] == 150
     assert result["parse_rate"] >= 0.95
     assert result["format_rate"] >= 0.95
