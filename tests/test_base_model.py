@@ -163,7 +163,7 @@ def test_a_runs_cold_start_step_uses_its_benchmark_and_is_cached(tmp_path):
     assert cold_start_for_run(again, start) == path
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_cold_start_reaches_format_target_on_tiny_preset(tmp_path):
     # A short perception stage keeps the test to minutes; the 2-layer tiny LM needs twice the default
     # cold start (200 steps gave parse rate 0.91; 400 gave 0.97, held-out SRCC -0.01).
