@@ -254,7 +254,7 @@ def stage_placement(cache: Path, work: Path, gpus: int) -> dict:
     try:
         placement = reserve_placement(config)
         reports = {}
-        for role, (group, bundles) in placement.items():
+        for role, group in placement.items():
             probes = [
                 ray.remote(Probe)
                 .options(
@@ -265,12 +265,10 @@ def stage_placement(cache: Path, work: Path, gpus: int) -> dict:
                     ),
                 )
                 .remote()
-                for b in bundles
+                for b in range(len(placement_group_table(group)["bundles"]))
             ]
             reports[role] = ray.get([p.report.remote() for p in probes], timeout=300)
-        strategies = {
-            role: placement_group_table(group)["strategy"] for role, (group, _) in placement.items()
-        }
+        strategies = {role: placement_group_table(group)["strategy"] for role, group in placement.items()}
     finally:
         ray.shutdown()
     every = [r for role in reports.values() for r in role]

@@ -83,9 +83,9 @@ def start_ray(config, env_vars: dict[str, str]) -> None:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
-def reserve_placement(config) -> dict[str, tuple[object, list[int]]]:
-    """Reserve the bundles of each role and wait for them: {"rollout": (placement group, bundle index of
-    each worker), "learner": (placement group, bundle index of each rank)}.
+def reserve_placement(config) -> dict[str, object]:
+    """Reserve the bundles of each role and wait for them: {"rollout": placement group, "learner":
+    placement group}; rollout worker i and learner rank i take bundle i of their role's group.
 
     Dedicated: one placement group per role, so the two roles never share a bundle. The learners' is
     STRICT_PACK, all ranks on one node (ZeRO-3 gathers every layer in every step, over the node's links
@@ -120,10 +120,10 @@ def reserve_placement(config) -> dict[str, tuple[object, list[int]]]:
     if cluster.placement == "colocate":
         shared = [bundle(cluster.rollout, cluster.learner) for _ in range(max(num_rollout, num_learner))]
         group = reserve("colocated", shared, "PACK")
-        return {"rollout": (group, list(range(num_rollout))), "learner": (group, list(range(num_learner)))}
+        return {"rollout": group, "learner": group}
     learners = reserve("learner", [bundle(cluster.learner) for _ in range(num_learner)], "STRICT_PACK")
     rollout = reserve("rollout", [bundle(cluster.rollout) for _ in range(num_rollout)], "PACK")
-    return {"rollout": (rollout, list(range(num_rollout))), "learner": (learners, list(range(num_learner)))}
+    return {"rollout": rollout, "learner": learners}
 
 
 def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]) -> System:
@@ -137,13 +137,9 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
 
     cluster = config.cluster
     placement = reserve_placement(config)
-    rollout_group, rollout_bundles = placement["rollout"]
-    learner_group, learner_bundles = placement["learner"]
 
     def make_rollout_worker(index: int):
-        strategy = PlacementGroupSchedulingStrategy(
-            rollout_group, placement_group_bundle_index=rollout_bundles[index]
-        )
+        strategy = PlacementGroupSchedulingStrategy(placement["rollout"], placement_group_bundle_index=index)
         return create_rollout_worker(
             model_path,
             config.model,
@@ -164,8 +160,7 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
         train_batch_size=config.train.images_per_step * config.rollout.num_generations,
         total_steps=config.train.steps,
         temperature=config.rollout.temperature,
-        placement_group=learner_group,
-        bundle_indices=learner_bundles,
+        placement_group=placement["learner"],
         timeout_s=cluster.call_timeout_s,
     )
     system = System(rollout_workers, reward, learners, placement, make_rollout_worker)

@@ -451,12 +451,11 @@ def create_learner_group(
     total_steps: int,
     temperature: float = 1.0,
     placement_group=None,
-    bundle_indices: Sequence[int] | None = None,
     timeout_s: float | None = None,
 ) -> list:
     """Start num_workers `LearnerWorker` actors, form their process group and set each one up.
 
-    With a placement group, rank i goes into bundle bundle_indices[i] (default: bundle i). Returns the
+    With a placement group, rank i goes into its bundle i. Returns the
     actor handles in rank order; rank 0 hosts the group's rendezvous on its node.
     """
     import ray
@@ -464,8 +463,6 @@ def create_learner_group(
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if bundle_indices is not None and len(bundle_indices) != num_workers:
-        raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} learner workers")
     remote_class = ray.remote(LearnerWorker)
     workers = []
     for rank in range(num_workers):
@@ -476,8 +473,7 @@ def create_learner_group(
         }
         if placement_group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group,
-                placement_group_bundle_index=bundle_indices[rank] if bundle_indices is not None else rank,
+                placement_group, placement_group_bundle_index=rank
             )
         workers.append(remote_class.options(**options).remote(rank, num_workers))
     master_addr, master_port = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)

@@ -235,7 +235,7 @@ def group_table(group) -> dict:
 def release(placement: dict) -> None:
     from ray.util.placement_group import remove_placement_group
 
-    for group in {id(g): g for g, _ in placement.values()}.values():
+    for group in {id(g): g for g in placement.values()}.values():
         remove_placement_group(group)
 
 
@@ -275,7 +275,7 @@ def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fa
     try:
         rollout = ray.get([w.report.remote() for w in system.rollout_workers], timeout=120)
         learners = ray.get([w.report.remote() for w in system.learners], timeout=120)
-        tables = {role: group_table(group) for role, (group, _) in system.placement_group.items()}
+        tables = {role: group_table(group) for role, group in system.placement_group.items()}
     finally:
         for handle in system.rollout_workers + system.learners:
             ray.kill(handle)
@@ -304,7 +304,7 @@ def test_gpu_7b_2node_keeps_the_learners_on_one_node(fake_gpu_cluster):
 
     placement = reserve_placement(load_config("gpu-7b-2node"))
     try:
-        tables = {role: group_table(group) for role, (group, _) in placement.items()}
+        tables = {role: group_table(group) for role, group in placement.items()}
     finally:
         release(placement)
     nodes = {role: set(table["bundles_to_node_id"].values()) for role, table in tables.items()}
