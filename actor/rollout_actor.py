@@ -47,14 +47,21 @@ class RolloutWorker:
             digit_probs=digit_probs,
         )
 
-    def update_weights(self, bucket_refs: list) -> int:
-        """Load the learner's weight buckets (object references owned by learner rank 0)."""
+    def update_weights(self, bucket_refs: list, version: int | None = None) -> int:
+        """Load the learner's weight buckets (object references owned by learner rank 0) and name their
+        policy version (every completion sampled from them carries it)."""
         import ray
 
-        return self.engine.update_weights(ray.get(bucket_refs))
+        loaded = self.engine.update_weights(ray.get(bucket_refs))
+        if version is not None:
+            self.engine.set_weight_version(version)
+        return loaded
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def set_weight_version(self, version: int) -> None:
+        self.engine.set_weight_version(version)
 
     # GPU weight transfer (vlm.weight_sync.RolloutWorkersClient calls these).
     def init_weight_transfer(self, init_info: dict) -> None:

@@ -5,8 +5,15 @@ text prompt of `vlm.prompts.build_prompt_text` (vLLM expands the image placehold
 once) and `SamplingParams(n=G)`, so images are never copied G times. Image bounds (min/max pixels) are
 the learner's, so vLLM's prompt token ids equal the learner's processor output.
 
-Log-probs are vLLM's "raw_logprobs": log-softmax of the model's logits before temperature, top-p/k and
-token suppression, i.e. what the learner computes from the same weights. Asked for (evaluation), the
+Log-probs are vLLM's "raw_logprobs" (the engine-wide logprobs_mode it has by default): log-softmax of the
+model's logits before temperature, top-p/k and token suppression, i.e. what the learner computes from the
+same weights at temperature 1. They are the behaviour log-probs of the learner's importance weights
+(learner.off_policy_correction=tis), which is why that correction asks for temperature 1 without top-p/k:
+then raw is the distribution sampled from, up to the five vision tokens' -inf bias. vLLM's
+"processed_logprobs" would follow any temperature, but it is set per engine, and it would also turn the
+evaluation's digit distributions (top-k log-probs at eval.temperature) into tempered ones. Every completion
+carries the weight version the engine held when sampling it (`set_weight_version`, set by the driver
+after each push). Asked for (evaluation), the
 engine also reports each completion's distribution over the ten digits where its score's leading digit
 was sampled, from vLLM's top-k log-probs at that position (`rewards.parsing.expected_scores`).
 """
@@ -17,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +94,16 @@ class Completion:
     # p(0..9) where the score's leading digit was sampled; only when asked for and the score has a
     # one-digit integer part that is one token.
     digit_probs: tuple[float, ...] | None = None
+    # The policy version of the weights it was sampled with (the training step whose update made them).
+    weight_version: int = 0
 
 
 @dataclass(frozen=True)
 class ImageRollout:
     prompt_token_ids: list[int]  # as vLLM saw them: image pads expanded once
     completions: list[Completion] = field(default_factory=list)
+    # Wall-clock (time.time()) start and end of the generate call that sampled it.
+    generated_between: tuple[float, float] = (0.0, 0.0)
 
 
 @contextlib.contextmanager
@@ -274,14 +286,16 @@ class RolloutEngine:
             self.sampling_params(n, temperature, None if seed is None else seed + i * n, top_logprobs)
             for i in range(len(images))
         ]
+        started = time.time()
         if stream_apart is None or not in_process:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         else:
             with _apart_from_engine_stream(stream_apart):
                 outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [self._to_rollout(output, digit_probs) for output in outputs]
+        between = (started, time.time())
+        return [self._to_rollout(output, digit_probs, between) for output in outputs]
 
-    def _to_rollout(self, output, with_digit_probs: bool) -> ImageRollout:
+    def _to_rollout(self, output, with_digit_probs: bool, between: tuple[float, float]) -> ImageRollout:
         completions = []
         for sample in output.outputs:
             score = extract_score(sample.text)
@@ -298,9 +312,10 @@ class RolloutEngine:
                     parse_ok=parse_ok,
                     truncated=sample.finish_reason == "length",
                     digit_probs=self._digit_probs(sample) if with_digit_probs and parse_ok else None,
+                    weight_version=self.weight_version,
                 )
             )
-        return ImageRollout(prompt_token_ids=list(output.prompt_token_ids), completions=completions)
+        return ImageRollout(list(output.prompt_token_ids), completions, generated_between=between)
 
     def _digit_probs(self, sample) -> tuple[float, ...] | None:
         """p(0..9) at the token holding the score's leading digit, or None when that digit is not a token
@@ -354,6 +369,11 @@ class RolloutEngine:
         self.llm.reset_mm_cache()
         self.weight_version += 1
         return self.weight_version
+
+    def set_weight_version(self, version: int) -> None:
+        """Name the weights now loaded: the driver's policy version (the step whose update made them);
+        pushes alone only count up from the engine's start."""
+        self.weight_version = version
 
     # GPU path (vlm.weight_sync.NcclWeightSender drives these through the Ray actor).
     def init_weight_transfer(self, init_info: dict) -> None:

@@ -2,7 +2,8 @@
 
 Layout of `<checkpoint.dir>/step-000020/`: the policy in Hugging Face format at the top level (the folder
 loads as it is in transformers and vLLM), `deepspeed/` (optimizer and scheduler state of every rank),
-`state.json` (step, data position, MLflow run id) and `manifest.json` (size and sha256 of every file). At resume the
+`state.json` (step, data position, MLflow run id), `rollouts_in_flight.json` (the batches generated
+ahead of the step under train.max_staleness >= 1, with their completions) and `manifest.json` (size and sha256 of every file). At resume the
 newest checkpoint whose files all match the manifest wins; a damaged one is reported and skipped.
 """
 
@@ -19,6 +20,7 @@ from iqa.folders import replace_folder
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE = "state.json"
+IN_FLIGHT = "rollouts_in_flight.json"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -61,15 +63,24 @@ def verify(folder: Path) -> str | None:
     return None
 
 
-def commit(root: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Finish a checkpoint the learners wrote into staging_dir(root, step): state, manifest, rename, prune."""
+def commit(root: Path, step: int, state: dict, keep_last: int, in_flight: list[dict] = ()) -> Path:
+    """Finish a checkpoint the learners wrote into staging_dir(root, step): state, the batches in flight
+    (`read_in_flight`), manifest, rename, prune."""
     staging = staging_dir(root, step)
     (staging / STATE).write_text(json.dumps(state, indent=1))
+    (staging / IN_FLIGHT).write_text(json.dumps(list(in_flight)))
     write_manifest(staging)
     final = replace_folder(staging, step_dir(root, step))
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_in_flight(folder: Path) -> list[dict]:
+    """The batches generated ahead of the checkpoint's step, oldest first ([] in a checkpoint from before
+    asynchronous rollouts)."""
+    path = folder / IN_FLIGHT
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def set_aside_earlier_run(root: Path) -> Path | None:
@@ -108,12 +119,14 @@ def trained_images_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / "trained_images.jsonl"
 
 
-def log_trained_images(output_dir: str | Path, step: int, ids: list[str]) -> None:
-    """Append the step's image ids to <output_dir>/trained_images.jsonl (resume exactness is checked on it)."""
+def log_trained_images(output_dir: str | Path, step: int, ids: list[str], weight_versions: list[int]) -> None:
+    """Append the step's image ids and, per image, the weight version its completions were sampled with
+    to <output_dir>/trained_images.jsonl (resume exactness and staleness are checked on it)."""
     path = trained_images_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"step": step, "image_ids": ids, "weight_versions": weight_versions}
     with path.open("a") as handle:
-        handle.write(json.dumps({"step": step, "image_ids": ids}) + "\n")
+        handle.write(json.dumps(entry) + "\n")
 
 
 def forget_trained_images_after(output_dir: str | Path, step: int) -> None:
@@ -126,6 +139,6 @@ def forget_trained_images_after(output_dir: str | Path, step: int) -> None:
 
 
 def read_trained_images(output_dir: str | Path) -> list[dict]:
-    """The log of log_trained_images: one {"step", "image_ids"} per trained step, in order."""
+    """The log of log_trained_images: one {"step", "image_ids", "weight_versions"} per trained step, in order."""
     lines = trained_images_path(output_dir).read_text().splitlines()
     return [json.loads(line) for line in lines]

@@ -28,6 +28,23 @@ class System:
     # make_rollout_worker(i) creates rollout worker i in its bundle (to replace a dead one).
     make_rollout_worker: Callable[[int], object]
     rollout_restarts: int = 0
+    # The learners' weights: the number of the step whose update made them (0: the start model).
+    policy_version: int = 0
+    # Batches generated again because their rollout worker died with them in flight.
+    regenerated_batches: int = 0
+
+
+@dataclass
+class Generation:
+    """One step's batch on the rollout workers: in flight (`refs`) until `collect_generation` fills
+    `rollouts` (G completions per image, in the order of `rows`)."""
+
+    step: int
+    rows: list[dict]  # the dataset rows: id, image path, mos, dataset
+    images: list[bytes]
+    refs: list | None = None  # one per rollout worker shard
+    workers: list | None = None  # the handles the shards went to
+    rollouts: list | None = None
 
 
 class RemoteCallError(RuntimeError):
@@ -209,27 +226,65 @@ def read_images(paths: list[str]) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
 
 
-def generate(system: System, config, images: list[bytes], step: int) -> list:
-    """G completions per image, the batch split across the rollout workers; a dead worker is replaced
-    (current weights loaded) and the step's generation redone, up to cluster.max_worker_restarts times."""
+def submit_generation(system: System, config, step: int, rows: list[dict]) -> Generation:
+    """Start generating step `step`'s batch (G completions per image, the images split across the
+    rollout workers) and return at once. Each worker runs its calls in order, so the batch is sampled
+    with the weights of the last push submitted before it."""
+    images = read_images([row["image"] for row in rows])
+    return _submit(system, config, Generation(step=step, rows=rows, images=images))
+
+
+def _submit(system: System, config, generation: Generation) -> Generation:
+    shards = shard(list(range(len(generation.images))), len(system.rollout_workers))
+    # Unseeded requests: each engine's generator was seeded once (rollout.seed). Per-request seeds
+    # crash vLLM 0.32's CPU runner on large batches ("CPU Generator does not use offset").
+    busy = [
+        (worker, indices) for worker, indices in zip(system.rollout_workers, shards, strict=True) if indices
+    ]
+    generation.workers = [worker for worker, _ in busy]
+    generation.refs = [
+        worker.generate.remote([generation.images[i] for i in indices], config.rollout.num_generations)
+        for worker, indices in busy
+    ]
+    generation.rollouts = None
+    return generation
+
+
+def collect_generation(system: System, config, generation: Generation, oldest_version: int = 0) -> list:
+    """Wait for the batch and return its rollouts. A rollout worker that died with it in flight is
+    replaced (loaded with the learners' current weights, `replace_dead_rollout_workers`) and the batch is
+    generated again, up to cluster.max_worker_restarts times; so is a batch sampled with weights older
+    than `oldest_version` (one restored from a checkpoint of a run with a larger train.max_staleness)."""
     import ray
 
     while True:
-        shards = shard(list(range(len(images))), len(system.rollout_workers))
-        # Unseeded requests: each engine's generator was seeded once (rollout.seed). Per-request seeds
-        # crash vLLM 0.32's CPU runner on large batches ("CPU Generator does not use offset").
-        refs = [
-            worker.generate.remote([images[i] for i in indices], config.rollout.num_generations)
-            for worker, indices in zip(system.rollout_workers, shards, strict=True)
-            if indices
-        ]
-        try:
-            per_worker = wait(refs, config, "generate", step, "rollout workers")
-            return [rollout for rollouts in per_worker for rollout in rollouts]
-        except RemoteCallError as exc:
-            if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
-                raise
-            replace_dead_rollout_workers(system, config, step, exc)
+        if generation.rollouts is None:
+            try:
+                per_worker = wait(generation.refs, config, "generate", generation.step, "rollout workers")
+            except RemoteCallError as exc:
+                if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+                    raise
+                # A worker found dead by an earlier call (a weight push) is replaced already.
+                if all(worker in system.rollout_workers for worker in generation.workers):
+                    replace_dead_rollout_workers(system, config, generation.step, exc)
+                system.regenerated_batches += 1
+                _submit(system, config, generation)
+                continue
+            generation.rollouts = [rollout for rollouts in per_worker for rollout in rollouts]
+        if min(sampled_versions(generation.rollouts)) >= oldest_version:
+            return generation.rollouts
+        _submit(system, config, generation)
+
+
+def sampled_versions(rollouts: list) -> list[int]:
+    """Per image, the oldest weight version among its completions."""
+    return [min(c.weight_version for c in rollout.completions) for rollout in rollouts]
+
+
+def generate(system: System, config, images: list[bytes], step: int) -> list:
+    """G completions per image for step `step`, waited for (`submit_generation` + `collect_generation`)."""
+    generation = _submit(system, config, Generation(step=step, rows=[], images=images))
+    return collect_generation(system, config, generation)
 
 
 def replace_dead_rollout_workers(
@@ -268,7 +323,12 @@ def update(
     from learner.policy import PolicySample
 
     samples = [
-        PolicySample(image=image, prompt=prompt, completions=[c.token_ids for c in rollout.completions])
+        PolicySample(
+            image=image,
+            prompt=prompt,
+            completions=[c.token_ids for c in rollout.completions],
+            behaviour_logprobs=[c.logprobs for c in rollout.completions],
+        )
         for image, rollout in zip(images, rollouts, strict=True)
     ]
     total_sequences = sum(len(s.completions) for s in samples)
@@ -285,14 +345,18 @@ def update(
         for learner, indices in zip(system.learners, shards, strict=True)
     ]
     per_rank = wait(refs, config, "update", step, "learners")
+    system.policy_version = step
     return per_rank[0]  # rank 0 reports the globally reduced metrics
 
 
 def push_weights(system: System, config, step: int, workers: list | None = None) -> None:
-    """Gather the policy from the learners (every rank takes part) and load it into the rollout workers
-    (`workers`, default all; over NCCL always all)."""
+    """Gather the policy from the learners (every rank takes part), load it into the rollout workers
+    (`workers`, default all; over NCCL always all) and name its version there (system.policy_version),
+    which every completion they sample from then on carries. A worker still generating loads it once
+    that call is done: a worker runs its calls in order, so a push never lands inside a generation."""
     import ray
 
+    version = system.policy_version
     if config.cluster.resolved_weight_transport == "nccl":
         # Rank 0 broadcasts GPU to GPU. A worker lost mid-broadcast leaves rank 0 blocked in NCCL, so
         # this ends the run (call_timeout_s) and resume continues from the last checkpoint.
@@ -303,6 +367,8 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
             step,
             "learners",
         )
+        versioned = [worker.set_weight_version.remote(version) for worker in system.rollout_workers]
+        wait(versioned, config, "weight push", step, "rollout workers")
         return
     # Rank 0 returns references to its buckets in the object store; each rollout worker fetches them.
     bucket_refs = wait(
@@ -315,7 +381,7 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
     targets = system.rollout_workers if workers is None else workers
     try:
         wait(
-            [w.update_weights.remote(bucket_refs) for w in targets],
+            [w.update_weights.remote(bucket_refs, version) for w in targets],
             config,
             "weight push",
             step,
@@ -328,7 +394,11 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
         replace_dead_rollout_workers(system, config, step, exc, phase="weight push")
 
 
-def save_checkpoint(system: System, config, step: int, sampler, tracker) -> Path:
+def save_checkpoint(
+    system: System, config, step: int, sampler, tracker, in_flight: list[Generation] = ()
+) -> Path:
+    """The learners' state after step `step`, the data position, and the batches generated ahead of it
+    (`in_flight`, waited for first): a resumed run trains what this one would have."""
     from cluster import checkpoints
 
     root = Path(config.checkpoint.dir)
@@ -340,8 +410,38 @@ def save_checkpoint(system: System, config, step: int, sampler, tracker) -> Path
         step,
         "learners",
     )
+    ahead = [generation_state(system, config, generation) for generation in in_flight]
     state = {"step": step, "sampler": vars(sampler.state), "mlflow_run_id": tracker.run_id}
-    return checkpoints.commit(root, step, state, config.checkpoint.keep_last)
+    return checkpoints.commit(root, step, state, config.checkpoint.keep_last, ahead)
+
+
+def generation_state(system: System, config, generation: Generation) -> dict:
+    """A batch and its completions as JSON (for a checkpoint); waits for it if still in flight."""
+    from dataclasses import asdict
+
+    rollouts = collect_generation(system, config, generation)
+    return {"step": generation.step, "rows": generation.rows, "rollouts": [asdict(r) for r in rollouts]}
+
+
+def restore_generation(state: dict) -> Generation:
+    """The inverse of `generation_state`."""
+    from actor.rollout_engine import Completion, ImageRollout
+
+    rollouts = [
+        ImageRollout(
+            prompt_token_ids=rollout["prompt_token_ids"],
+            completions=[
+                Completion(**{**c, "digit_probs": tuple(c["digit_probs"]) if c["digit_probs"] else None})
+                for c in rollout["completions"]
+            ],
+            generated_between=tuple(rollout["generated_between"]),
+        )
+        for rollout in state["rollouts"]
+    ]
+    rows = state["rows"]
+    return Generation(
+        step=state["step"], rows=rows, images=read_images([row["image"] for row in rows]), rollouts=rollouts
+    )
 
 
 def weight_sync_gap(system: System, config, image: bytes, prompt: str, step: int) -> float:

@@ -8,24 +8,34 @@ evaluates again and prints the summary. Each step: a batch of images (one datase
 workers generate G completions per image -> the reward actor scores the WHOLE batch -> group advantages
 -> the learners run mu GRPO updates -> the new weights are pushed into every rollout worker -> metrics
 to MLflow and one console line. The Ray plumbing of each phase is in cluster/system.py.
+
+With train.max_staleness = k >= 1 the loop keeps the batches of the next k steps generating while the
+learners train (a queue of in-flight generations, `ahead`): a batch is generated with the weights pushed
+before it was submitted, at most k updates older than those it trains, and the learners weigh its
+tokens by pi_old / mu (learner.off_policy_correction). k = 0 submits each batch just before it trains:
+generate, then train, in turn.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
 from cluster import checkpoints
 from cluster.evaluation import SUMMARY_KEYS, evaluate
 from cluster.system import (
+    Generation,
+    collect_generation,
     create_system,
-    generate,
     push_weights,
-    read_images,
+    restore_generation,
+    sampled_versions,
     save_checkpoint,
     start_ray,
+    submit_generation,
     update,
     wait,
     weight_sync_gap,
@@ -86,12 +96,16 @@ def run(config) -> dict:
         for run_id in tracker.ended_dead_runs:
             print(f"MLflow run {run_id} was left RUNNING by a driver that died: marked FAILED")
         start_step = 0
+        # Batches generated ahead of the step that trains them (train.max_staleness), oldest first.
+        ahead: deque[Generation] = deque()
         if resume:
             folder, state = resume
             start_step = state["step"]
             loads = [learner.load_checkpoint.remote(str(folder)) for learner in system.learners]
             wait(loads, config, "resume", start_step, "learners")
+            system.policy_version = start_step
             push_weights(system, config, start_step)
+            ahead.extend(restore_generation(batch) for batch in checkpoints.read_in_flight(folder))
             sampler.state = SamplerState(**state["sampler"])
             checkpoints.forget_trained_images_after(output_dir, start_step)
             print(f"resumed from {folder} at step {start_step}")
@@ -113,16 +127,25 @@ def run(config) -> dict:
         before = None if resume else evaluate(system, config, eval_split, tracker, "before", 0)
         if before:
             evaluations[0] = before
+        next_batch = start_step + 1 + len(ahead)
+        learner_busy = deque(maxlen=config.train.max_staleness + 2)  # recent (start, end) of training
         # Steps are numbered from 1, as in the console, the errors, MLflow and the checkpoints.
         for step in range(start_step + 1, config.train.steps + 1):
-            batch = [train_split[int(i)] for i in sampler.next_batch()]
-            metrics = grpo_step(system, config, step, batch, prompt, tracker)
+            # Queue the batches up to step + k: generated with the weights pushed so far (step - 1's),
+            # none trains more than k updates later.
+            while next_batch <= min(config.train.steps, step + config.train.max_staleness):
+                rows = [train_split[int(i)] for i in sampler.next_batch()]
+                ahead.append(submit_generation(system, config, next_batch, rows))
+                next_batch += 1
+            metrics = grpo_step(system, config, ahead.popleft(), prompt, tracker, learner_busy)
             history.append({"step": step, **metrics})
             print(step_line(step, config.train.steps, metrics), flush=True)
+            # A rollout worker runs its calls in order: the evaluation's come after the batches in flight
+            # and the push, so it scores the weights of this step without disturbing them.
             if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
                 evaluations[step] = evaluate(system, config, eval_split, tracker, f"step{step}", step)
             if config.checkpoint.every and step % config.checkpoint.every == 0:
-                save_checkpoint(system, config, step, sampler, tracker)
+                save_checkpoint(system, config, step, sampler, tracker, list(ahead))
 
         final = checkpoints.step_dir(Path(config.checkpoint.dir), config.train.steps)
         if not final.is_dir():
@@ -148,32 +171,45 @@ def run(config) -> dict:
         ray.shutdown()
 
 
-def grpo_step(system, config, step: int, batch: list[dict], prompt: str, tracker) -> dict:
-    """GRPO step number `step` (from 1): generate -> reward -> advantages -> update -> push weights -> log."""
+def grpo_step(system, config, generation: Generation, prompt: str, tracker, learner_busy: deque) -> dict:
+    """GRPO step number generation.step (from 1): wait for its batch -> reward -> advantages -> update ->
+    push weights -> log. learner_busy: the (start, end) wall times of recent training phases, this one's
+    added, for the overlap metric."""
     import torch
 
     from learner.grpo import group_advantages
 
+    step = generation.step
     timer = PhaseTimer()
-    ids = [row["id"] for row in batch]
-    images = read_images([row["image"] for row in batch])
-
-    with timer("generate"):
-        rollouts = generate(system, config, images, step)
+    with timer("generate_wait"):
+        oldest = system.policy_version - config.train.max_staleness
+        rollouts = collect_generation(system, config, generation, oldest_version=oldest)
+    ids = [row["id"] for row in generation.rows]
+    versions = sampled_versions(rollouts)
+    staleness = [system.policy_version - version for version in versions]
+    generating = sorted({rollout.generated_between for rollout in rollouts})
     with timer("reward"):
         texts = [[c.text for c in rollout.completions] for rollout in rollouts]
         rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
     advantages = group_advantages(torch.tensor(rewards.total), config.learner.advantage)
+    started = time.time()
     with timer("train"):
-        learner_metrics = update(system, config, images, prompt, rollouts, advantages, step)
+        learner_metrics = update(system, config, generation.images, prompt, rollouts, advantages, step)
+    learner_busy.append((started, time.time()))
     with timer("weight_push"):
         push_weights(system, config, step)
 
     num_completions = sum(len(r.completions) for r in rollouts)
     num_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
+    # The generation's own time on the rollout workers, from the first shard's start to the last's end.
+    generate_s = max(end for _, end in generating) - min(start for start, _ in generating)
     metrics = {
         **rewards.metrics(),
-        **{f"learner/{k}": v for k, v in learner_metrics.items() if not k.endswith("_seconds")},
+        **{
+            key if "/" in key else f"learner/{key}": value
+            for key, value in learner_metrics.items()
+            if not key.endswith("_seconds")
+        },
         # Inside the learners' "train" phase: old/reference log-probs, then the mu updates.
         "time/logprob_s": learner_metrics["logprob_seconds"],
         "time/update_s": learner_metrics["update_seconds"],
@@ -183,18 +219,46 @@ def grpo_step(system, config, step: int, batch: list[dict], prompt: str, tracker
         "response/length_mean": num_tokens / max(1, num_completions),
         "response/truncated_rate": sum(c.truncated for r in rollouts for c in r.completions)
         / max(1, num_completions),
-        "perf/rollout_tokens_per_s": num_tokens / max(timer.seconds["generate"], 1e-9),
+        "perf/rollout_tokens_per_s": num_tokens / max(generate_s, 1e-9),
         **{f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
+        "time/generate_s": generate_s,
+        # Seconds of this batch's generation during which the learners were training (an earlier batch).
+        "time/overlap_s": overlap_seconds(generating, list(learner_busy)[:-1]),
         "time/step_s": sum(timer.seconds.values()),
+        "async/staleness_mean": sum(staleness) / len(staleness),
+        "async/staleness_max": max(staleness),
         "events/rollout_worker_restarts": system.rollout_restarts,
+        "events/regenerated_batches": system.regenerated_batches,
     }
     if config.train.verify_weight_sync:
-        metrics["sync/max_abs_logprob_diff"] = weight_sync_gap(system, config, images[0], prompt, step)
+        metrics["sync/max_abs_logprob_diff"] = weight_sync_gap(
+            system, config, generation.images[0], prompt, step
+        )
     tracker.log_metrics(metrics, step=step)
-    checkpoints.log_trained_images(config.train.output_dir, step, ids)
+    checkpoints.log_trained_images(config.train.output_dir, step, ids, versions)
     if (step - 1) % config.tracking.sample_table_every == 0:
         tracker.log_table(sample_rows(step, ids, rollouts, rewards), f"samples/step-{step:06d}.json")
     return metrics
+
+
+def overlap_seconds(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> float:
+    """Seconds covered both by some interval of `first` and by some interval of `second` ((start, end)
+    pairs; overlapping intervals within a list count once)."""
+
+    def merged(intervals):
+        out: list[list[float]] = []
+        for start, end in sorted(intervals):
+            if out and start <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], end)
+            else:
+                out.append([start, end])
+        return out
+
+    return sum(
+        max(0.0, min(a_end, b_end) - max(a_start, b_start))
+        for a_start, a_end in merged(first)
+        for b_start, b_end in merged(second)
+    )
 
 
 def sample_rows(step: int, ids: list[str], rollouts: list, rewards, limit: int = 4) -> list[dict]:
@@ -220,8 +284,10 @@ def step_line(step: int, steps: int, metrics: dict) -> str:
         f"parse fail {metrics['reward/parse_failure_rate']:.2f} | spread {metrics['score/spread_within_image']:.2f} | "
         f"batch srcc {metrics['score/batch_srcc']:+.2f} | "
         f"kl {metrics['learner/kl']:.4f} | loss {metrics['learner/loss']:+.4f} | "
-        f"gen {metrics['time/generate_s']:.1f}s train {metrics['time/train_s']:.1f}s "
-        f"push {metrics['time/weight_push_s']:.2f}s | {metrics['perf/rollout_tokens_per_s']:.0f} tok/s"
+        f"gen {metrics['time/generate_s']:.1f}s (waited {metrics['time/generate_wait_s']:.1f}s) "
+        f"train {metrics['time/train_s']:.1f}s push {metrics['time/weight_push_s']:.2f}s | "
+        f"stale {metrics['async/staleness_mean']:.1f} is-ess {metrics.get('offpolicy/ess', 1.0):.2f} | "
+        f"{metrics['perf/rollout_tokens_per_s']:.0f} tok/s"
     )
 
 

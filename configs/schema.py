@@ -206,6 +206,11 @@ class LearnerConfig(Section):
     bf16: bool = False
     # Weights travel to vLLM in buckets of this size (one call per bucket is the scaling bottleneck otherwise).
     weight_bucket_bytes: int = Field(64 << 20, ge=1 << 20)
+    # Each token's policy-gradient term times min(pi_old / mu, tis_cap), mu the rollout engine's sampling
+    # distribution (learner.grpo.truncated_importance_weights): corrects completions sampled with older
+    # weights (train.max_staleness >= 1) and vLLM's other numerics. null: tis when max_staleness >= 1.
+    off_policy_correction: Literal["none", "tis"] | None = None
+    tis_cap: float = Field(2.0, gt=0.0)
 
 
 class PlacementConfig(Section):
@@ -289,6 +294,10 @@ class TrainConfig(Section):
     output_dir: str = "outputs"
     # After each weight push, compare rollout worker 0's greedy log-probs with the learner's on one image.
     verify_weight_sync: bool = False
+    # k: the rollout workers generate the next k batches while the learners train, and no completion is
+    # trained on with weights more than k updates newer than the ones that sampled it. 0: generate, then
+    # train, in turn (synchronous).
+    max_staleness: int = Field(0, ge=0)
 
 
 class Config(Section):
@@ -324,6 +333,18 @@ class Config(Section):
             raise ValueError(
                 "learner.share_prompt_forward needs the KV cache, which model.gradient_checkpointing "
                 "switches off: set learner.share_prompt_forward=false or model.gradient_checkpointing=false"
+            )
+        if self.learner.off_policy_correction is None:
+            self.learner.off_policy_correction = "tis" if self.train.max_staleness >= 1 else "none"
+        rollout = self.rollout
+        if self.learner.off_policy_correction == "tis" and (
+            rollout.temperature != 1.0 or rollout.top_p != 1.0 or rollout.top_k != 0
+        ):
+            raise ValueError(
+                "learner.off_policy_correction=tis divides by the rollout engine's log-probs, vLLM's raw ones "
+                "(actor/rollout_engine.py): they are the sampling distribution only at rollout.temperature=1, "
+                f"top_p=1, top_k=0 (got {rollout.temperature:g}, {rollout.top_p:g}, {rollout.top_k}); "
+                "set those, or learner.off_policy_correction=none with train.max_staleness=0"
             )
         if self.train.images_per_step < self.rollout.num_workers:
             raise ValueError(

@@ -1,10 +1,12 @@
-"""GRPO math as small pure functions: token log-probs, group advantages, the clipped loss with k3 KL.
+"""GRPO math as small pure functions: token log-probs, group advantages, the clipped loss with k3 KL, and
+the truncated importance weights that correct for sampling with older (or numerically other) weights.
 
 No processes, no Ray: the learner actor calls these. Shapes: B sequences (completions), T tokens.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -48,6 +50,69 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> to
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
+# Bound on a log importance ratio before exp, for the reported (untruncated) weights only.
+MAX_LOG_IMPORTANCE_RATIO = 20.0
+
+
+def truncated_importance_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Per-token TIS weights min(pi_old / mu, cap) = exp(min(old_logp - behaviour_logp, log cap)).
+
+    pi_old: the learner's policy before this batch's updates (the proximal policy of the clipped ratio);
+    mu: the policy the rollout engine sampled with (older weights under asynchronous rollouts, and other
+    numerics: bf16 kernels, another attention implementation). No gradient flows through the weights.
+    """
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    log_ratio = (old_logp - behaviour_logp).detach().float()
+    return torch.exp(torch.clamp(log_ratio, max=math.log(cap)))
+
+
+def off_policy_sums(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> dict[str, float]:
+    """Sums over the unmasked tokens, to be added over micro-batches and ranks before dividing
+    (`off_policy_metrics`): the raw weight pi_old / mu, its max, the truncated weight and its square,
+    the tokens truncated, |old_logp - behaviour_logp|, and the token count."""
+    active = mask > 0
+    log_ratio = (old_logp - behaviour_logp).detach().double()[active]
+    raw = torch.exp(torch.clamp(log_ratio, max=MAX_LOG_IMPORTANCE_RATIO))
+    applied = torch.clamp(raw, max=cap)
+    return {
+        "raw_sum": float(raw.sum()),
+        "raw_max": float(raw.max()) if raw.numel() else 0.0,
+        "applied_sum": float(applied.sum()),
+        "applied_square_sum": float((applied * applied).sum()),
+        "truncated": float((raw > cap).sum()),
+        "gap_sum": float(log_ratio.abs().sum()),
+        "tokens": float(raw.numel()),
+    }
+
+
+def off_policy_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The per-step metrics from summed `off_policy_sums`: mean and max of the raw weight pi_old / mu, the
+    share of tokens truncated, the effective sample size of the applied weights as a fraction of the
+    tokens ((sum w)^2 / (n sum w^2), 1 when every weight is equal), and mean |log pi_old - log mu|."""
+    tokens = sums["tokens"]
+    if tokens < 1:
+        return {
+            "is_weight_mean": 1.0,
+            "is_weight_max": 1.0,
+            "truncated_fraction": 0.0,
+            "ess": 1.0,
+            "behaviour_logprob_gap": 0.0,
+        }
+    square_sum = sums["applied_square_sum"]
+    return {
+        "is_weight_mean": sums["raw_sum"] / tokens,
+        "is_weight_max": sums["raw_max"],
+        "truncated_fraction": sums["truncated"] / tokens,
+        "ess": sums["applied_sum"] ** 2 / (tokens * square_sum) if square_sum > 0 else 0.0,
+        "behaviour_logprob_gap": sums["gap_sum"] / tokens,
+    }
+
+
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -84,11 +149,14 @@ def grpo_loss(
     kl_clamp: float = 10.0,
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean",
     normalizer: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO surrogate plus beta * k3 KL; returns (loss, metrics).
 
-    per token: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL(pi || ref),
-    ratio = exp(logp - old_logp), A the sequence's advantage.
+    per token: -w * min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL(pi || ref),
+    ratio = exp(logp - old_logp), A the sequence's advantage, w the token's importance weight
+    (`truncated_importance_weights`; 1 without). The weight scales the policy-gradient term only, as in
+    verl's and TRL's TIS: the KL term pulls toward the reference on the tokens as they are.
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
@@ -98,6 +166,8 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(logp.dtype)
     kl = k3_kl(logp, ref_logp, kl_clamp) if ref_logp is not None else torch.zeros_like(logp)
     if beta > 0:
         per_token = per_token + beta * kl

@@ -22,7 +22,7 @@ import torch
 from configs.runtime_env import apply_default_env, route_logs_from_env
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
-from learner.grpo import grpo_loss
+from learner.grpo import grpo_loss, off_policy_metrics, off_policy_sums, truncated_importance_weights
 from learner.policy import (
     PolicySample,
     build_micro_batches,
@@ -178,6 +178,12 @@ class LearnerWorker:
                 "(train_batch_size / world_size completions per rank)"
             )
         flat_advantages = _flatten_advantages(samples, advantages)
+        with_behaviour = all(batch.behaviour_logprobs is not None for batch in batches)
+        correct = self.learner.off_policy_correction == "tis"
+        if correct and not with_behaviour:
+            raise ValueError(
+                "learner.off_policy_correction=tis needs the behaviour log-probs of every completion"
+            )
         normalizer = total_sequences if self.learner.loss_aggregation == "sequence_mean" else total_tokens
         # DeepSpeed averages gradients over ranks; scaling the normalizer by 1/world makes their sum exact.
         normalizer = normalizer / self.world_size
@@ -191,13 +197,23 @@ class LearnerWorker:
 
         started = time.perf_counter()
         totals = _MetricTotals()
-        for _ in range(num_iterations):
+        cap = self.learner.tis_cap
+        for iteration in range(num_iterations):
             for index, batch in enumerate(batches):
                 engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
                 logp, mask = self._completion_logprobs(engine, batch)
+                old_logp = old[index] if old is not None else logp.detach()
+                is_weights = None
+                if with_behaviour:
+                    # pi_old / mu: the same for every iteration (old_logp and mu are fixed for the batch).
+                    behaviour = batch.behaviour(logp.shape[1], logp.device)
+                    if iteration == 0:
+                        totals.add_off_policy(off_policy_sums(old_logp, behaviour, mask, cap))
+                    if correct:
+                        is_weights = truncated_importance_weights(old_logp, behaviour, cap)
                 loss, metrics = grpo_loss(
                     logp,
-                    old[index] if old is not None else logp.detach(),
+                    old_logp,
                     flat_advantages[batch.sequence_ids].to(logp.device),
                     mask,
                     ref_logp=reference[index] if reference is not None else None,
@@ -207,6 +223,7 @@ class LearnerWorker:
                     kl_clamp=self.learner.kl_clamp,
                     aggregation=self.learner.loss_aggregation,
                     normalizer=normalizer,
+                    is_weights=is_weights,
                 )
                 engine.backward(loss, scale_wrt_gas=False)
                 totals.add(metrics)
@@ -369,6 +386,16 @@ class _MetricTotals:
         self.ratio_max = float("-inf")
         self.lr = 0.0
         self.grad_norm = 0.0
+        self.off_policy: dict[str, float] | None = None  # learner.grpo.off_policy_sums, summed
+
+    def add_off_policy(self, sums: dict[str, float]) -> None:
+        if self.off_policy is None:
+            self.off_policy = dict(sums)
+            return
+        for key, value in sums.items():
+            self.off_policy[key] = (
+                max(self.off_policy[key], value) if key == "raw_max" else self.off_policy[key] + value
+            )
 
     def add(self, metrics: dict[str, float]) -> None:
         tokens = metrics["num_tokens"]
@@ -393,7 +420,7 @@ class _MetricTotals:
         loss, tokens, kl_tokens, clip_tokens, ratio_tokens = sums.tolist()
         tokens_per_iteration = tokens / num_iterations
         tokens = max(tokens, 1.0)
-        return {
+        return self._reduce_off_policy(device) | {
             # Each rank's loss is its share of the global one times world_size (see the normalizer).
             "loss": loss / (world_size * num_iterations),
             "kl": kl_tokens / tokens,
@@ -405,6 +432,20 @@ class _MetricTotals:
             "lr": self.lr / num_iterations,
             "num_tokens": tokens_per_iteration,
         }
+
+    def _reduce_off_policy(self, device) -> dict[str, float]:
+        """offpolicy/* metrics over all ranks ({} when the batch carried no behaviour log-probs: the same on
+        every rank, so either all ranks reduce or none)."""
+        if self.off_policy is None:
+            return {}
+        dist = torch.distributed
+        keys = sorted(key for key in self.off_policy if key != "raw_max")
+        sums = torch.tensor([self.off_policy[key] for key in keys], dtype=torch.float64, device=device)
+        largest = torch.tensor([self.off_policy["raw_max"]], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        reduced = dict(zip(keys, sums.tolist(), strict=True)) | {"raw_max": float(largest[0])}
+        return {f"offpolicy/{key}": value for key, value in off_policy_metrics(reduced).items()}
 
 
 def _numel(param) -> int:

@@ -27,6 +27,9 @@ class PolicySample:
     image: ImageInput
     prompt: str
     completions: list[list[int]]
+    # Per completion, each token's log-prob under the policy that sampled it (the rollout engine's); the
+    # importance weights of the off-policy correction need them.
+    behaviour_logprobs: list[list[float]] | None = None
 
 
 @dataclass
@@ -47,6 +50,16 @@ class MicroBatch:
     completions: list[list[int]]
     # Positions of these sequences in the flattened (sample, completion) order of the whole shard.
     sequence_ids: list[int]
+    behaviour_logprobs: list[list[float]] | None = None
+
+    def behaviour(self, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The behaviour log-probs as (B, width), zero past each completion (as the learner's logp)."""
+        if self.behaviour_logprobs is None:
+            raise ValueError("this micro-batch carries no behaviour log-probs")
+        out = torch.zeros((len(self), width), dtype=torch.float32)
+        for row, values in enumerate(self.behaviour_logprobs):
+            out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+        return out.to(device)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -106,23 +119,43 @@ def build_micro_batches(
     """Flatten samples into (sample, completion) sequences in order and cut them into micro-batches."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    flat: list[tuple[EncodedPrompt, list[int]]] = []
+    with_behaviour = {sample.behaviour_logprobs is not None for sample in samples}
+    if len(with_behaviour) > 1:
+        raise ValueError("some samples carry behaviour log-probs and others do not")
+    flat: list[tuple[EncodedPrompt, list[int], list[float] | None]] = []
     for index, sample in enumerate(samples):
         if not sample.completions:
             raise ValueError(f"sample {index} has no completions")
-        for number, completion in enumerate(sample.completions):
+        behaviour = sample.behaviour_logprobs or [None] * len(sample.completions)
+        if len(behaviour) != len(sample.completions):
+            raise ValueError(
+                f"sample {index}: {len(behaviour)} behaviour log-prob lists for {len(sample.completions)} completions"
+            )
+        for number, (completion, logprobs) in enumerate(zip(sample.completions, behaviour, strict=True)):
             if len(completion) == 0:
                 raise ValueError(f"sample {index}: completion {number} is empty")
+            if logprobs is not None and len(logprobs) != len(completion):
+                raise ValueError(
+                    f"sample {index}: completion {number} has {len(completion)} tokens and "
+                    f"{len(logprobs)} behaviour log-probs"
+                )
         prompt = encode_prompt(processor, sample)
-        flat.extend((prompt, list(completion)) for completion in sample.completions)
-    return [
-        MicroBatch(
-            prompts=[prompt for prompt, _ in flat[start : start + micro_batch_size]],
-            completions=[completion for _, completion in flat[start : start + micro_batch_size]],
-            sequence_ids=list(range(start, min(start + micro_batch_size, len(flat)))),
+        flat.extend(
+            (prompt, list(completion), logprobs)
+            for completion, logprobs in zip(sample.completions, behaviour, strict=True)
         )
-        for start in range(0, len(flat), micro_batch_size)
-    ]
+    batches = []
+    for start in range(0, len(flat), micro_batch_size):
+        part = flat[start : start + micro_batch_size]
+        batches.append(
+            MicroBatch(
+                prompts=[prompt for prompt, _, _ in part],
+                completions=[completion for _, completion, _ in part],
+                sequence_ids=list(range(start, start + len(part))),
+                behaviour_logprobs=None if with_behaviour == {False} else [list(b) for _, _, b in part],
+            )
+        )
+    return batches
 
 
 def completion_logprobs(

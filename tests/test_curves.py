@@ -41,7 +41,9 @@ def test_step_line_shows_the_training_batch_srcc():
         "learner/kl": 0.01,
         "learner/loss": 0.002,
         "time/generate_s": 2.0,
+        "time/generate_wait_s": 0.1,
         "time/train_s": 7.0,
+        "async/staleness_mean": 1.0,
         "time/weight_push_s": 0.1,
         "perf/rollout_tokens_per_s": 1300.0,
     }

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from learner.grpo import aggregate, group_advantages, grpo_loss, k3_kl, token_logprobs
+from learner.grpo import (
+    aggregate,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    off_policy_metrics,
+    off_policy_sums,
+    token_logprobs,
+    truncated_importance_weights,
+)
 
 
 def reference_advantages(rewards, mode):
@@ -21,8 +30,9 @@ def reference_advantages(rewards, mode):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregation):
-    """One loop per token, straight from the published objective."""
+def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregation, behaviour=None, cap=None):
+    """One loop per token, straight from the published objective; with behaviour log-probs, each token's
+    policy-gradient term is scaled by min(pi_old / mu, cap)."""
     per_seq, total, ntok = [], 0.0, 0
     for b in range(len(logp)):
         seq_sum, seq_n = 0.0, 0
@@ -31,6 +41,8 @@ def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregati
                 continue
             ratio = math.exp(logp[b][t] - old[b][t])
             surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps_low), 1 + eps_high) * adv[b])
+            if behaviour is not None:
+                surrogate *= min(math.exp(old[b][t] - behaviour[b][t]), cap)
             d = ref[b][t] - logp[b][t]
             kl = math.exp(d) - d - 1
             value = -surrogate + beta * kl
@@ -158,3 +170,97 @@ def test_token_logprobs_equals_log_softmax_gather():
     tokens = torch.randint(0, 9, (3, 4))
     expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
     torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+
+
+def reference_off_policy(old, behaviour, mask, cap):
+    """The off-policy metrics with one loop per token, from their definitions."""
+    raw, applied, gaps = [], [], []
+    for b in range(len(old)):
+        for t in range(len(old[b])):
+            if mask[b][t]:
+                weight = math.exp(old[b][t] - behaviour[b][t])
+                raw.append(weight)
+                applied.append(min(weight, cap))
+                gaps.append(abs(old[b][t] - behaviour[b][t]))
+    n = len(raw)
+    return {
+        "is_weight_mean": sum(raw) / n,
+        "is_weight_max": max(raw),
+        "truncated_fraction": sum(w > cap for w in raw) / n,
+        "ess": sum(applied) ** 2 / (n * sum(w * w for w in applied)),
+        "behaviour_logprob_gap": sum(gaps) / n,
+    }
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_importance_weighted_loss_and_off_policy_metrics_match_loop_reference(seed, aggregation):
+    logp, old, ref, adv, mask = random_batch(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    behaviour = old + (torch.rand(old.shape, generator=gen, dtype=torch.float64) - 0.5) * 2.0
+    cap = 1.5
+    weights = truncated_importance_weights(old, behaviour, cap)
+    loss, _ = grpo_loss(
+        logp, old, adv, mask, ref_logp=ref, beta=0.04, aggregation=aggregation, is_weights=weights.double()
+    )
+    lists = [t.tolist() for t in (logp, old, ref, adv, mask)]
+    expected = reference_loss(*lists, 0.04, 0.2, 0.2, aggregation, behaviour=behaviour.tolist(), cap=cap)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # The random gaps reach past the cap: truncation is exercised, not assumed.
+    metrics = off_policy_metrics(off_policy_sums(old, behaviour, mask, cap))
+    reference = reference_off_policy(old.tolist(), behaviour.tolist(), mask.tolist(), cap)
+    assert reference["truncated_fraction"] > 0
+    assert metrics == pytest.approx(reference, rel=1e-9)
+
+
+def test_off_policy_sums_add_up_over_micro_batches_to_the_whole_batch():
+    _, old, _, _, mask = random_batch(4)
+    behaviour = old - 0.3 * torch.arange(old.shape[1], dtype=old.dtype)
+    whole = off_policy_sums(old, behaviour, mask, 2.0)
+    parts = [off_policy_sums(old[i : i + 2], behaviour[i : i + 2], mask[i : i + 2], 2.0) for i in (0, 2)]
+    summed = {key: sum(part[key] for part in parts) for key in whole if key != "raw_max"}
+    assert summed == pytest.approx({key: value for key, value in whole.items() if key != "raw_max"})
+    assert max(part["raw_max"] for part in parts) == whole["raw_max"]
+
+
+def test_importance_weights_are_one_on_policy_and_detached():
+    logp, *_ = random_batch(5)
+    old = logp.clone().requires_grad_(True)
+    weights = truncated_importance_weights(old, logp, 2.0)
+    assert torch.equal(weights, torch.ones_like(weights)) and not weights.requires_grad
+    metrics = off_policy_metrics(off_policy_sums(logp, logp, torch.ones_like(logp), 2.0))
+    assert metrics == {
+        "is_weight_mean": 1.0,
+        "is_weight_max": 1.0,
+        "truncated_fraction": 0.0,
+        "ess": 1.0,
+        "behaviour_logprob_gap": 0.0,
+    }
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_importance_weights(logp, logp, 0.0)
+
+
+def test_batch_whose_weights_are_all_truncated_gives_finite_loss_and_gradients():
+    """Behaviour log-probs far below the learner's (even -inf: a token the sampler reported impossible)
+    put every weight at the cap: the loss and its gradient stay finite, and equal cap times the
+    unweighted ones."""
+    logp, old, _, adv, mask = random_batch(6)
+    behaviour = old - 50.0
+    behaviour[0, 0] = float("-inf")
+    weights = truncated_importance_weights(old, behaviour, 2.0)
+    assert torch.equal(weights, torch.full_like(weights, 2.0))
+    metrics = off_policy_metrics(off_policy_sums(old, behaviour, mask, 2.0))
+    assert metrics["truncated_fraction"] == 1.0 and math.isfinite(metrics["is_weight_max"])
+    assert metrics["ess"] == pytest.approx(1.0)
+
+    def loss_and_grad(is_weights):
+        current = logp.clone().requires_grad_(True)
+        loss, _ = grpo_loss(current, old, adv, mask, beta=0.0, is_weights=is_weights)
+        loss.backward()
+        return loss, current.grad
+
+    weighted, weighted_grad = loss_and_grad(weights.double())
+    plain, plain_grad = loss_and_grad(None)
+    assert torch.isfinite(weighted) and torch.isfinite(weighted_grad).all()
+    assert weighted.item() == pytest.approx(2.0 * plain.item())
+    torch.testing.assert_close(weighted_grad, 2.0 * plain_grad)
