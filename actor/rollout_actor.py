@@ -12,10 +12,11 @@ from configs.schema import ModelConfig, PlacementConfig, RolloutConfig
 class RolloutWorker:
     def __init__(self, model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
         # A Ray worker is a fresh process: offline/loopback settings must precede the vLLM import.
-        from configs.runtime_env import apply_default_env, route_logs_from_env
+        from configs.runtime_env import apply_default_env, pin_from_env, route_logs_from_env
 
         apply_default_env()
         route_logs_from_env()
+        pin_from_env()
         from actor.rollout_engine import RolloutEngine
         from vlm.weight_sync import require_own_gpu
 
@@ -105,6 +106,11 @@ def create_rollout_worker(
     """
     import ray
 
+    from configs.runtime_env import cpu_affinity_env
+
+    pinned = cpu_affinity_env(placement.cpu_affinity)
+    if pinned:
+        ray_options["runtime_env"] = {"env_vars": pinned}
     actor_class = ray.remote(RolloutWorker).options(
         num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, **ray_options
     )

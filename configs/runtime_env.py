@@ -90,3 +90,24 @@ def route_logs_from_env() -> None:
         import logging.config
 
         logging.config.dictConfig(logging_config(os.environ[LOG_FILE_VARIABLE]))
+
+
+# The cores an actor's process is pinned to (cluster.<role>.cpu_affinity), set per actor by the driver.
+CPU_AFFINITY_VARIABLE = "VQR1_CPU_AFFINITY"
+
+
+def cpu_affinity_env(cores: list[int] | None) -> dict[str, str]:
+    """The environment variable that pins an actor to `cores` ({} for no pinning)."""
+    return {CPU_AFFINITY_VARIABLE: ",".join(str(core) for core in cores)} if cores else {}
+
+
+def pin_from_env() -> None:
+    """In an actor, before any library starts its threads: run on the cores the driver named, with as
+    many torch threads (vLLM's CPU worker binds its threads within the same set)."""
+    cores = os.environ.get(CPU_AFFINITY_VARIABLE)
+    if cores:
+        import torch
+
+        allowed = {int(core) for core in cores.split(",")}
+        os.sched_setaffinity(0, allowed)
+        torch.set_num_threads(len(allowed))

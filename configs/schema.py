@@ -216,6 +216,9 @@ class LearnerConfig(Section):
 class PlacementConfig(Section):
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    # Pin the role's processes to these cores of their node (null: wherever the OS puts them): on a CPU
+    # machine, cores of their own stand in for the dedicated devices of a cluster (make bench).
+    cpu_affinity: list[int] | None = None
 
 
 class ClusterConfig(Section):

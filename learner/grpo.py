@@ -73,7 +73,7 @@ def off_policy_sums(
     old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
 ) -> dict[str, float]:
     """Sums over the unmasked tokens, to be added over micro-batches and ranks before dividing
-    (`off_policy_metrics`): the raw weight pi_old / mu, its max, the truncated weight and its square,
+    (`off_policy_metrics`): the raw weight pi_old / mu, its max and min, the truncated weight and its square,
     the tokens truncated, |old_logp - behaviour_logp|, and the token count."""
     active = mask > 0
     log_ratio = (old_logp - behaviour_logp).detach().double()[active]
@@ -82,6 +82,7 @@ def off_policy_sums(
     return {
         "raw_sum": float(raw.sum()),
         "raw_max": float(raw.max()) if raw.numel() else 0.0,
+        "raw_min": float(raw.min()) if raw.numel() else float("inf"),
         "applied_sum": float(applied.sum()),
         "applied_square_sum": float((applied * applied).sum()),
         "truncated": float((raw > cap).sum()),
@@ -91,7 +92,7 @@ def off_policy_sums(
 
 
 def off_policy_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """The per-step metrics from summed `off_policy_sums`: mean and max of the raw weight pi_old / mu, the
+    """The per-step metrics from summed `off_policy_sums`: mean, max and min of the raw weight pi_old / mu, the
     share of tokens truncated, the effective sample size of the applied weights as a fraction of the
     tokens ((sum w)^2 / (n sum w^2), 1 when every weight is equal), and mean |log pi_old - log mu|."""
     tokens = sums["tokens"]
@@ -99,6 +100,7 @@ def off_policy_metrics(sums: dict[str, float]) -> dict[str, float]:
         return {
             "is_weight_mean": 1.0,
             "is_weight_max": 1.0,
+            "is_weight_min": 1.0,
             "truncated_fraction": 0.0,
             "ess": 1.0,
             "behaviour_logprob_gap": 0.0,
@@ -107,6 +109,7 @@ def off_policy_metrics(sums: dict[str, float]) -> dict[str, float]:
     return {
         "is_weight_mean": sums["raw_sum"] / tokens,
         "is_weight_max": sums["raw_max"],
+        "is_weight_min": sums["raw_min"],
         "truncated_fraction": sums["truncated"] / tokens,
         "ess": sums["applied_sum"] ** 2 / (tokens * square_sum) if square_sum > 0 else 0.0,
         "behaviour_logprob_gap": sums["gap_sum"] / tokens,

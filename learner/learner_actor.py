@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from configs.runtime_env import apply_default_env, route_logs_from_env
+from configs.runtime_env import apply_default_env, cpu_affinity_env, pin_from_env, route_logs_from_env
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
 from learner.grpo import grpo_loss, off_policy_metrics, off_policy_sums, truncated_importance_weights
@@ -54,6 +54,7 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int) -> None:
         apply_default_env()
         route_logs_from_env()
+        pin_from_env()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
         self.rank = rank
@@ -393,9 +394,8 @@ class _MetricTotals:
             self.off_policy = dict(sums)
             return
         for key, value in sums.items():
-            self.off_policy[key] = (
-                max(self.off_policy[key], value) if key == "raw_max" else self.off_policy[key] + value
-            )
+            combine = {"raw_max": max, "raw_min": min}.get(key, float.__add__)
+            self.off_policy[key] = combine(self.off_policy[key], value)
 
     def add(self, metrics: dict[str, float]) -> None:
         tokens = metrics["num_tokens"]
@@ -439,12 +439,15 @@ class _MetricTotals:
         if self.off_policy is None:
             return {}
         dist = torch.distributed
-        keys = sorted(key for key in self.off_policy if key != "raw_max")
+        keys = sorted(key for key in self.off_policy if key not in ("raw_max", "raw_min"))
         sums = torch.tensor([self.off_policy[key] for key in keys], dtype=torch.float64, device=device)
-        largest = torch.tensor([self.off_policy["raw_max"]], dtype=torch.float64, device=device)
+        extremes = torch.tensor(
+            [self.off_policy["raw_max"], -self.off_policy["raw_min"]], dtype=torch.float64, device=device
+        )
         dist.all_reduce(sums)
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        reduced = dict(zip(keys, sums.tolist(), strict=True)) | {"raw_max": float(largest[0])}
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        reduced = dict(zip(keys, sums.tolist(), strict=True))
+        reduced |= {"raw_max": float(extremes[0]), "raw_min": -float(extremes[1])}
         return {f"offpolicy/{key}": value for key, value in off_policy_metrics(reduced).items()}
 
 
@@ -510,7 +513,7 @@ def create_learner_group(
         options = {
             "num_cpus": placement.num_cpus,
             "num_gpus": placement.num_gpus,
-            "runtime_env": {"env_vars": apply_default_env()},
+            "runtime_env": {"env_vars": apply_default_env() | cpu_affinity_env(placement.cpu_affinity)},
         }
         if placement_group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(

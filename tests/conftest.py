@@ -35,3 +35,25 @@ def first_run(tmp_path_factory, tiny_overrides):
         "cpu-tiny", tiny_overrides(tmp_path, 3, "checkpoint.every=1", "train.verify_weight_sync=true")
     )
     return tmp_path, config, run(config)
+
+
+@pytest.fixture(scope="session")
+def async_run(tmp_path_factory, tiny_overrides):
+    """The same 3-step run with train.max_staleness=1 (each batch generated while the learners train the
+    one before), shared by the asynchronous-pipeline tests and the resume test at k = 1."""
+    from cluster.train import run
+    from configs.load import load_config
+
+    tmp_path = tmp_path_factory.mktemp("async-run")
+    config = load_config(
+        "cpu-tiny",
+        tiny_overrides(
+            tmp_path,
+            3,
+            "train.max_staleness=1",
+            "eval.max_images=4",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=3",
+        ),
+    )
+    return tmp_path, config, run(config)

@@ -54,7 +54,9 @@ def test_no_checkpoint_at_all(tmp_path):
 def test_resume_forgets_the_trained_images_of_steps_after_the_checkpoint(tmp_path):
     """A run killed during step 3 logged it, but its update was lost: resuming from step 2 drops it."""
     for step in (1, 2, 3):
-        checkpoints.log_trained_images(tmp_path, step, [f"img-{step}-a", f"img-{step}-b"], [step - 1, step - 1])
+        checkpoints.log_trained_images(
+            tmp_path, step, [f"img-{step}-a", f"img-{step}-b"], [step - 1, step - 1]
+        )
     checkpoints.forget_trained_images_after(tmp_path, 2)
     assert checkpoints.read_trained_images(tmp_path) == [
         {"step": 1, "image_ids": ["img-1-a", "img-1-b"]},

@@ -119,3 +119,19 @@ def test_flash_attention_is_checked_when_the_config_loads(monkeypatch):
         load_config("gpu-7b-1node", flash)
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     assert load_config("gpu-7b-1node", flash).model.attn_implementation == "flash_attention_2"
+
+
+def test_cpu_affinity_pins_an_actor_process_and_its_torch_threads():
+    import os
+    import subprocess
+    import sys
+
+    from configs.runtime_env import cpu_affinity_env
+
+    probe = "import os, torch; from configs.runtime_env import pin_from_env; pin_from_env(); print(sorted(os.sched_getaffinity(0)), torch.get_num_threads())"
+    env = {**os.environ, **cpu_affinity_env([0])}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[0]", "1"]
+    assert cpu_affinity_env(None) == {} and load_config(
+        "cpu-tiny", ["cluster.rollout.cpu_affinity=[1]"]
+    ).cluster.rollout.cpu_affinity == [1]

@@ -186,6 +186,7 @@ def reference_off_policy(old, behaviour, mask, cap):
     return {
         "is_weight_mean": sum(raw) / n,
         "is_weight_max": max(raw),
+        "is_weight_min": min(raw),
         "truncated_fraction": sum(w > cap for w in raw) / n,
         "ess": sum(applied) ** 2 / (n * sum(w * w for w in applied)),
         "behaviour_logprob_gap": sum(gaps) / n,
@@ -218,9 +219,11 @@ def test_off_policy_sums_add_up_over_micro_batches_to_the_whole_batch():
     behaviour = old - 0.3 * torch.arange(old.shape[1], dtype=old.dtype)
     whole = off_policy_sums(old, behaviour, mask, 2.0)
     parts = [off_policy_sums(old[i : i + 2], behaviour[i : i + 2], mask[i : i + 2], 2.0) for i in (0, 2)]
-    summed = {key: sum(part[key] for part in parts) for key in whole if key != "raw_max"}
-    assert summed == pytest.approx({key: value for key, value in whole.items() if key != "raw_max"})
+    extremes = ("raw_max", "raw_min")
+    summed = {key: sum(part[key] for part in parts) for key in whole if key not in extremes}
+    assert summed == pytest.approx({key: value for key, value in whole.items() if key not in extremes})
     assert max(part["raw_max"] for part in parts) == whole["raw_max"]
+    assert min(part["raw_min"] for part in parts) == whole["raw_min"]
 
 
 def test_importance_weights_are_one_on_policy_and_detached():
@@ -232,6 +235,7 @@ def test_importance_weights_are_one_on_policy_and_detached():
     assert metrics == {
         "is_weight_mean": 1.0,
         "is_weight_max": 1.0,
+        "is_weight_min": 1.0,
         "truncated_fraction": 0.0,
         "ess": 1.0,
         "behaviour_logprob_gap": 0.0,

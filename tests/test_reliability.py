@@ -139,23 +139,31 @@ def test_a_dead_rank_ends_the_wait_while_its_peer_still_blocks():
 
 @pytest.mark.slow
 def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_overrides):
-    """SIGKILL the rollout worker's process after step 1: the run still ends after 3 steps."""
+    """SIGKILL the rollout worker's process after step 1, at train.max_staleness=2 so that it dies with
+    the batches of steps 2 and 3 in flight: it is replaced, those batches are generated again, and the
+    run ends after 3 steps with no batch trained more than 2 updates after its weights."""
 
     code, output, killed = run_driver(
-        tiny_overrides(tmp_path, 3, "eval.max_images=4"), kill_rollout_worker_after_step_1
+        tiny_overrides(tmp_path, 3, "eval.max_images=4", "train.max_staleness=2"),
+        kill_rollout_worker_after_step_1,
     )
     assert killed, "no rollout worker process was found to kill\n" + output[-3000:]
     assert code == 0, output[-4000:]
     assert "step 3/3" in output
-    assert [entry["step"] for entry in read_trained_images(tmp_path / "out")] == [1, 2, 3]
+    log = read_trained_images(tmp_path / "out")
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert all(0 <= entry["step"] - 1 - v <= 2 for entry in log for v in entry["weight_versions"])
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    history = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
-        result["mlflow_run_id"], "events/rollout_worker_restarts"
-    )
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(result["mlflow_run_id"], "events/rollout_worker_restarts")
     # One restart, counted from the step whose generation or weight push found the dead worker (step 2
     # unless the driver outran the kill).
     restarts = [m.value for m in history]
     assert len(restarts) == 3 and restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)
+    # A batch lost in flight is generated again with the replacement's (current) weights: its staleness
+    # is what the log above recorded, and the count of such batches is logged.
+    regenerated = client.get_metric_history(result["mlflow_run_id"], "events/regenerated_batches")
+    assert [m.value for m in regenerated][-1] >= 1
 
 
 @pytest.mark.slow
@@ -213,12 +221,20 @@ def test_dead_learner_or_reward_actor_ends_the_run_naming_the_checkpoint_and_res
 
 @pytest.mark.slow
 def test_driver_killed_after_a_checkpoint_resumes_and_trains_the_uninterrupted_runs_images(
-    first_run, tmp_path, tiny_overrides
+    async_run, tmp_path, tiny_overrides
 ):
-    """SIGKILL the driver and every process it started once the step-2 checkpoint is committed (a lost
-    node), then resume: the images trained at each step equal those of an uninterrupted run."""
-    first_tmp, _, _ = first_run
-    overrides = tiny_overrides(tmp_path, 3, "eval.max_images=4", "checkpoint.every=1")
+    """At train.max_staleness=1, SIGKILL the driver and every process it started once the step-2
+    checkpoint is committed (a lost node), then resume: the images trained at each step, and the weight
+    version each was sampled with, equal those of an uninterrupted run (the batch that was in flight
+    comes back from the checkpoint)."""
+    first_tmp, first_config, _ = async_run
+    overrides = tiny_overrides(
+        tmp_path,
+        3,
+        f"train.max_staleness={first_config.train.max_staleness}",
+        "eval.max_images=4",
+        "checkpoint.every=1",
+    )
 
     def kill_everything_after_second_checkpoint(pid, lines):
         return kill_process_tree(pid) if committed(tmp_path, 2) else []
