@@ -16,10 +16,12 @@ SECTIONS = {
     "fidelity": "bench.fidelity",
     "rollout": "bench.rollout",
     "step": "bench.step",
+    # train.max_staleness 0 against 1, rollout worker and learner on a core each (~5 min).
+    "async": "bench.async_pipeline",
     # Our step against TRL's GRPOTrainer (~30 min; needs `bash bench/setup_trl_venv.sh` first).
     "compare": "bench.compare",
 }
-DEFAULT_SECTIONS = ["fidelity", "rollout", "step"]
+DEFAULT_SECTIONS = ["fidelity", "rollout", "step", "async"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -1,8 +1,13 @@
 """Step time against rollout workers and learners: a model fit from measured phases (issue 6, item 4).
 
-The driver runs the phases of a step one after another, so a step is their sum:
+At train.max_staleness = 0 the driver runs the phases of a step one after another, so a step is their sum:
 
-    T(R, L) = generate(R) + reward + learner(L) + weight_push + driver
+    T0(R, L) = generate(R) + reward + learner(L) + weight_push + driver
+
+At k >= 1 the next batch generates while the current one is rewarded and trained, and the push waits for
+it (a worker loads weights between generations), so
+
+    T1(R, L) = max(generate(R), reward + learner(L)) + weight_push + driver
 
 - generate(R) = g0 + g1 * ceil(B / R): the batch of B images is cut into R shards that run in parallel
   (each worker on cores of its own), so the largest shard sets the time; g0 is the fixed cost of one
@@ -50,7 +55,9 @@ class StepModel:
     gradient_bytes: int
     allreduce_bytes_per_s: float = DEFAULT_ALLREDUCE_BYTES_PER_S
 
-    def predict(self, rollout_workers: int, learners: int, images_per_step: int) -> dict[str, float]:
+    def predict(
+        self, rollout_workers: int, learners: int, images_per_step: int, max_staleness: int = 0
+    ) -> dict[str, float]:
         completions = images_per_step * self.num_generations
         allreduce = (
             2 * (learners - 1) / learners * self.gradient_bytes / self.allreduce_bytes_per_s
@@ -67,7 +74,21 @@ class StepModel:
             "weight_push": self.weight_push_s,
             "driver": self.driver_s,
         }
-        return {**phases, "step": sum(phases.values())}
+        if max_staleness == 0:
+            return {**phases, "step": sum(phases.values())}
+        overlapped = max(phases["generate"], phases["reward"] + phases["learner"])
+        return {**phases, "step": overlapped + phases["weight_push"] + phases["driver"]}
+
+
+def async_gain(generate_share: float, fixed_share: float) -> float:
+    """Predicted steps-per-time gain of k = 1 over k = 0 for a synchronous step whose generation takes
+    `generate_share` of it and whose weight push and driver work take `fixed_share` (the rest is reward
+    and learner): T0 / T1 = 1 / (max(g, 1 - g - f) + f). A model, not a measurement."""
+    if not (0 <= generate_share <= 1 and 0 <= fixed_share <= 1 - generate_share):
+        raise ValueError(
+            f"shares must lie in [0, 1] and add up to at most 1: {generate_share}, {fixed_share}"
+        )
+    return 1.0 / (max(generate_share, 1.0 - generate_share - fixed_share) + fixed_share)
 
 
 def learner_seconds(summary: dict) -> float:
@@ -129,16 +150,20 @@ def check(model: StepModel, measured: dict) -> dict:
 
 
 def paper_table(model: StepModel, images_per_step: int) -> list[dict]:
+    """Predicted steps on the grid at k = 0, and the step at k = 1 (a model, not a measurement)."""
     base = model.predict(1, 1, images_per_step)["step"]
     rows = []
     for rollout_workers, learners in SCALING_GRID:
         predicted = model.predict(rollout_workers, learners, images_per_step)
+        asynchronous = model.predict(rollout_workers, learners, images_per_step, max_staleness=1)["step"]
         rows.append(
             {
                 "rollout_workers": rollout_workers,
                 "learners": learners,
                 **{f"{name}_s": seconds for name, seconds in predicted.items()},
                 "speedup": base / predicted["step"],
+                "step_async_s": asynchronous,
+                "async_speedup": predicted["step"] / asynchronous,
             }
         )
     return rows
@@ -194,11 +219,13 @@ def print_summary(result: dict) -> None:
             f"{row['step_predicted_s']:>10.2f} {row['step_measured_s']:>10.2f} {row['step_error']:>+7.1%}"
         )
     print(f"\nOn paper (same B, G; allreduce at {model['allreduce_bytes_per_s'] / 1e9:g} GB/s):")
-    print(f"{'R':>3} {'L':>3} {'generate':>9} {'learner':>8} {'step':>7} {'speed-up':>9}")
+    print(
+        f"{'R':>3} {'L':>3} {'generate':>9} {'learner':>8} {'step':>7} {'speed-up':>9} {'step k=1':>9} {'k=1 gain':>9}"
+    )
     for row in result["paper"]:
         print(
             f"{row['rollout_workers']:>3} {row['learners']:>3} {row['generate_s']:>9.2f} {row['learner_s']:>8.2f} "
-            f"{row['step_s']:>7.2f} {row['speedup']:>8.2f}x"
+            f"{row['step_s']:>7.2f} {row['speedup']:>8.2f}x {row['step_async_s']:>9.2f} {row['async_speedup']:>8.2f}x"
         )
 
 

@@ -39,8 +39,8 @@ def first_run(tmp_path_factory, tiny_overrides):
 
 @pytest.fixture(scope="session")
 def async_run(tmp_path_factory, tiny_overrides):
-    """The same 3-step run with train.max_staleness=1 (each batch generated while the learners train the
-    one before), shared by the asynchronous-pipeline tests and the resume test at k = 1."""
+    """The same 3-step run with train.max_staleness=2 (step 1 queues the batches of steps 1-3 at once),
+    shared by the asynchronous-pipeline tests and the resume test."""
     from cluster.train import run
     from configs.load import load_config
 
@@ -50,7 +50,7 @@ def async_run(tmp_path_factory, tiny_overrides):
         tiny_overrides(
             tmp_path,
             3,
-            "train.max_staleness=1",
+            "train.max_staleness=2",
             "eval.max_images=4",
             "checkpoint.every=1",
             "checkpoint.keep_last=3",

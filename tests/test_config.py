@@ -135,3 +135,26 @@ def test_cpu_affinity_pins_an_actor_process_and_its_torch_threads():
     assert cpu_affinity_env(None) == {} and load_config(
         "cpu-tiny", ["cluster.rollout.cpu_affinity=[1]"]
     ).cluster.rollout.cpu_affinity == [1]
+
+
+def test_async_step_model_overlaps_generation_with_reward_and_learner():
+    from bench.scaling import StepModel, async_gain
+
+    model = StepModel(8, 0.5, 0.1, 1.0, 0.02, 0.05, 0.2, 0.1, 10**6)
+    sync, overlapped = model.predict(1, 1, 16), model.predict(1, 1, 16, max_staleness=1)
+    phases = {key: sync[key] for key in ("generate", "reward", "learner", "weight_push", "driver")}
+    assert sync["step"] == pytest.approx(sum(phases.values()))
+    expected = (
+        max(phases["generate"], phases["reward"] + phases["learner"])
+        + phases["weight_push"]
+        + phases["driver"]
+    )
+    assert overlapped["step"] == pytest.approx(expected)
+    fixed = (phases["weight_push"] + phases["driver"]) / sync["step"]
+    assert async_gain(phases["generate"] / sync["step"], fixed) == pytest.approx(
+        sync["step"] / overlapped["step"]
+    )
+    # Halves that balance hide one of them entirely: 2x; nothing to overlap: 1x.
+    assert async_gain(0.5, 0.0) == pytest.approx(2.0) and async_gain(0.0, 0.1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shares"):
+        async_gain(0.8, 0.3)
