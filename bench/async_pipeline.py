@@ -7,7 +7,10 @@ after the warm-up, as in bench.step). The overlap share is the part of the gener
 while the learners trained (time/overlap_s over time/generate_s). Both runs are made in this command,
 one after the other, so the ratio compares like with like on whatever machine runs it.
 
-    python -m bench.async_pipeline [--steps N] [--json FILE]
+    python -m bench.async_pipeline [--steps N] [--unpinned] [--json FILE]
+
+--unpinned keeps cpu-default's own placement (the learner on 2 threads, nothing pinned): both sides then
+compete for the same cores while they overlap.
 """
 
 from __future__ import annotations
@@ -70,24 +73,25 @@ def summarise(histories: dict[str, list], warmup_steps: int) -> dict:
     }
 
 
-def measure(max_staleness: int, measured_steps: int = MEASURED_STEPS, overrides: tuple = ()) -> dict:
+def measure(max_staleness: int, measured_steps: int = MEASURED_STEPS, pinned: bool = True) -> dict:
     from cluster.train import run
 
     with tempfile.TemporaryDirectory(prefix="vqr1-bench-async-") as workdir:
         config = bench_config(
             Path(workdir),
             WARMUP_STEPS + measured_steps,
-            (*PINNED, f"train.max_staleness={max_staleness}", *overrides),
+            (*(PINNED if pinned else ()), f"train.max_staleness={max_staleness}"),
         )
         result = run(config)
         histories = metric_histories(config.tracking.tracking_uri, result["mlflow_run_id"], METRICS)
-    return {"max_staleness": max_staleness, **summarise(histories, WARMUP_STEPS)}
+    return {"max_staleness": max_staleness, "pinned": pinned, **summarise(histories, WARMUP_STEPS)}
 
 
 def print_table(rows: list[dict]) -> None:
+    placement = "rollout worker on core 0 and learner on core 1" if rows[0]["pinned"] else "unpinned"
     print(
-        "\ncpu-default, rollout worker on core 0 and learner on core 1; medians over "
-        f"{rows[0]['steps_measured']} steps after {WARMUP_STEPS} warm-up steps"
+        f"\ncpu-default, {placement}; medians over {rows[0]['steps_measured']} steps after "
+        f"{WARMUP_STEPS} warm-up steps"
     )
     print(
         f"{'k':>2} {'steps/min':>9} {'wall s':>7} {'gen s':>6} {'waited s':>8} {'train s':>7} {'push s':>6} "
@@ -107,8 +111,8 @@ def print_table(rows: list[dict]) -> None:
     )
 
 
-def main(measured_steps: int = MEASURED_STEPS) -> list[dict]:
-    rows = [measure(0, measured_steps), measure(1, measured_steps)]
+def main(measured_steps: int = MEASURED_STEPS, pinned: bool = True) -> list[dict]:
+    rows = [measure(0, measured_steps, pinned), measure(1, measured_steps, pinned)]
     print_table(rows)
     return rows + [{"ratio": rows[1]["steps_per_minute"] / rows[0]["steps_per_minute"]}]
 
@@ -120,9 +124,10 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=MEASURED_STEPS, help="measured steps per run")
+    parser.add_argument("--unpinned", action="store_true", help="cpu-default's own placement, nothing pinned")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     apply_default_env()
-    rows = main(args.steps)
+    rows = main(args.steps, pinned=not args.unpinned)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
