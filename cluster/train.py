@@ -188,6 +188,8 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
     versions = sampled_versions(rollouts)
     staleness = [system.policy_version - version for version in versions]
     generating = sorted({rollout.generated_between for rollout in rollouts})
+    # Seconds of this batch's generation during which the learners were training (an earlier batch).
+    overlap = overlap_seconds(generating, list(learner_busy))
     with timer("reward"):
         texts = [[c.text for c in rollout.completions] for rollout in rollouts]
         rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
@@ -222,8 +224,7 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
         "perf/rollout_tokens_per_s": num_tokens / max(generate_s, 1e-9),
         **{f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
         "time/generate_s": generate_s,
-        # Seconds of this batch's generation during which the learners were training (an earlier batch).
-        "time/overlap_s": overlap_seconds(generating, list(learner_busy)[:-1]),
+        "time/overlap_s": overlap,
         "time/step_s": sum(timer.seconds.values()),
         "async/staleness_mean": sum(staleness) / len(staleness),
         "async/staleness_max": max(staleness),

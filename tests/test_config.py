@@ -158,3 +158,17 @@ def test_async_step_model_overlaps_generation_with_reward_and_learner():
     assert async_gain(0.5, 0.0) == pytest.approx(2.0) and async_gain(0.0, 0.1) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shares"):
         async_gain(0.8, 0.3)
+
+
+def test_off_policy_correction_follows_max_staleness_and_needs_untempered_sampling():
+    assert load_config("cpu-tiny").learner.off_policy_correction == "none"
+    assert load_config("cpu-tiny", ["train.max_staleness=1"]).learner.off_policy_correction == "tis"
+    explicit = load_config("cpu-tiny", ["train.max_staleness=1", "learner.off_policy_correction=none"])
+    assert explicit.learner.off_policy_correction == "none"
+    # vLLM's raw log-probs are the sampling distribution only at temperature 1 without truncation.
+    for override in ("rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.top_k=50"):
+        with pytest.raises(ConfigError, match="off_policy_correction=tis"):
+            load_config("cpu-tiny", ["train.max_staleness=1", override])
+    assert load_config("cpu-tiny", ["rollout.temperature=0.7"]).learner.off_policy_correction == "none"
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config("cpu-tiny", ["train.max_staleness=-1"])

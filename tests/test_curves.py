@@ -50,3 +50,12 @@ def test_step_line_shows_the_training_batch_srcc():
     line = step_line(3, 30, metrics)
     assert line.startswith("step 3/30 |") and "| batch srcc +0.25 |" in line
     assert "batch srcc +nan" in step_line(3, 30, metrics | {"score/batch_srcc": float("nan")})
+
+
+def test_overlap_seconds_counts_time_covered_by_both_lists_once():
+    from cluster.train import overlap_seconds
+
+    # Two generation shards overlapping each other (1-4 and 2-5: 1-5 once) against training 3-4.5 and 4.8-9.
+    assert overlap_seconds([(1.0, 4.0), (2.0, 5.0)], [(3.0, 4.5), (4.8, 9.0)]) == pytest.approx(1.5 + 0.2)
+    assert overlap_seconds([(0.0, 1.0)], [(1.0, 2.0)]) == 0.0
+    assert overlap_seconds([(0.0, 1.0)], []) == 0.0
