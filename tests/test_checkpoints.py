@@ -23,7 +23,8 @@ def test_commit_renames_and_keeps_last_k(tmp_path):
     folder, state = checkpoints.latest_valid(tmp_path)
     assert folder.name == "step-000003" and state["step"] == 3
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest) == {"model.safetensors", "state.json"}
+    assert set(manifest) == {"model.safetensors", "state.json", checkpoints.IN_FLIGHT}
+    assert checkpoints.read_in_flight(folder) == []  # a synchronous run has no rollouts in flight
 
 
 def test_truncated_latest_weights_fall_back_to_previous(tmp_path, caplog):
@@ -59,8 +60,8 @@ def test_resume_forgets_the_trained_images_of_steps_after_the_checkpoint(tmp_pat
         )
     checkpoints.forget_trained_images_after(tmp_path, 2)
     assert checkpoints.read_trained_images(tmp_path) == [
-        {"step": 1, "image_ids": ["img-1-a", "img-1-b"]},
-        {"step": 2, "image_ids": ["img-2-a", "img-2-b"]},
+        {"step": 1, "image_ids": ["img-1-a", "img-1-b"], "weight_versions": [0, 0]},
+        {"step": 2, "image_ids": ["img-2-a", "img-2-b"], "weight_versions": [1, 1]},
     ]
     checkpoints.forget_trained_images_after(tmp_path, 0)
     assert checkpoints.read_trained_images(tmp_path) == []

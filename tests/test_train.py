@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -106,8 +108,10 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
     gcs_port, dashboard_port = free_port(), free_port()
     # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them.
     ray_dir = Path(tempfile.mkdtemp(prefix="vqr1-ray-", dir="/tmp"))
-    # Token authentication on both sides: the head requires it, and the job client sends ~/.ray/auth_token.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    # Token authentication on both sides: the head requires the token and the job client sends it. The
+    # test's own token (not ~/.ray/auth_token, which a fresh machine lacks) keeps it self-contained.
+    token = uuid.uuid4().hex
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     head = subprocess.run(
         [
             str(bin_dir / "ray"),
@@ -128,26 +132,32 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
     )
     assert head.returncode == 0, head.stderr
     try:
-        job = subprocess.run(
-            [
-                str(bin_dir / "ray"),
-                "job",
-                "submit",
-                f"--address=http://127.0.0.1:{dashboard_port}",
-                f"--working-dir={ROOT}",
-                "--",
-                sys.executable,
-                "-m",
-                "cluster.train",
-                "--config",
-                "cpu-tiny",
-                *tiny_overrides(tmp_path, 1),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        # Under load the head's job agent can register after `ray start` returns; Ray answers "No
+        # available agent" to a submit before that, so a few spaced attempts stand in for a readiness probe.
+        for _ in range(6):
+            job = subprocess.run(
+                [
+                    str(bin_dir / "ray"),
+                    "job",
+                    "submit",
+                    f"--address=http://127.0.0.1:{dashboard_port}",
+                    f"--working-dir={ROOT}",
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "cluster.train",
+                    "--config",
+                    "cpu-tiny",
+                    *tiny_overrides(tmp_path, 1),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(10)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
         assert "step 1/1" in job.stdout
