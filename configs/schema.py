@@ -191,7 +191,7 @@ class LearnerConfig(Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0.0)
     beta: float = Field(0.04, ge=0.0, description="KL weight to the frozen reference")
-    kl_clamp: float = Field(10.0, gt=0.0, description="bound on |log ref - log pi| before exp")
+    kl_clamp: float = Field(10.0, gt=0.0, description="bound on |log ref - log pi| before exp (overflow)")
     eps_low: float = Field(0.2, gt=0.0, lt=1.0)
     eps_high: float = Field(0.2, gt=0.0)
     num_iterations: int = Field(1, ge=1, description="mu: GRPO updates per rollout batch")
@@ -206,9 +206,10 @@ class LearnerConfig(Section):
     bf16: bool = False
     # Weights travel to vLLM in buckets of this size (one call per bucket is the scaling bottleneck otherwise).
     weight_bucket_bytes: int = Field(64 << 20, ge=1 << 20)
-    # Each token's policy-gradient term times min(pi_old / mu, tis_cap), mu the rollout engine's sampling
-    # distribution (learner.grpo.truncated_importance_weights): corrects completions sampled with older
-    # weights (train.max_staleness >= 1) and vLLM's other numerics. null: tis when max_staleness >= 1.
+    # Each token's policy-gradient term times min(pi_old / mu, tis_cap) and its KL term times min(pi / mu,
+    # tis_cap), mu the rollout engine's sampling distribution (learner.grpo.grpo_loss): corrects completions
+    # sampled with older weights (train.max_staleness >= 1) and vLLM's other numerics. null: tis when
+    # max_staleness >= 1.
     off_policy_correction: Literal["none", "tis"] | None = None
     tis_cap: float = Field(2.0, gt=0.0)
 

@@ -55,17 +55,18 @@ MAX_LOG_IMPORTANCE_RATIO = 20.0
 
 
 def truncated_importance_weights(
-    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float
+    policy_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float
 ) -> torch.Tensor:
-    """Per-token TIS weights min(pi_old / mu, cap) = exp(min(old_logp - behaviour_logp, log cap)).
+    """Per-token TIS weights min(pi / mu, cap) = exp(min(policy_logp - behaviour_logp, log cap)), detached.
 
-    pi_old: the learner's policy before this batch's updates (the proximal policy of the clipped ratio);
-    mu: the policy the rollout engine sampled with (older weights under asynchronous rollouts, and other
-    numerics: bf16 kernels, another attention implementation). No gradient flows through the weights.
+    pi: a learner policy (pi_old, the policy before this batch's updates and the proximal policy of the
+    clipped ratio, for the policy-gradient term; the current policy for the KL term); mu: the policy the
+    rollout engine sampled with (older weights under asynchronous rollouts, and other numerics: bf16
+    kernels, another attention implementation).
     """
     if cap <= 0:
         raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
-    log_ratio = (old_logp - behaviour_logp).detach().float()
+    log_ratio = (policy_logp - behaviour_logp).detach().double()
     return torch.exp(torch.clamp(log_ratio, max=math.log(cap)))
 
 
@@ -152,14 +153,23 @@ def grpo_loss(
     kl_clamp: float = 10.0,
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean",
     normalizer: float | None = None,
-    is_weights: torch.Tensor | None = None,
+    behaviour_logp: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO surrogate plus beta * k3 KL; returns (loss, metrics).
 
-    per token: -w * min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL(pi || ref),
-    ratio = exp(logp - old_logp), A the sequence's advantage, w the token's importance weight
-    (`truncated_importance_weights`; 1 without). The weight scales the policy-gradient term only, as in
-    verl's and TRL's TIS: the KL term pulls toward the reference on the tokens as they are.
+    per token: -w_pg * min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * w_kl * k3,
+    ratio = exp(logp - old_logp), A the sequence's advantage. With the behaviour log-probs mu (off-policy
+    correction) both terms are importance-weighted, detached:
+      w_pg = min(pi_old / mu, tis_cap): the surrogate is an expectation under pi_old;
+      w_kl = min(pi / mu, tis_cap): k3 estimates KL(pi || ref) only under pi itself. Unweighted on tokens
+        drawn from mu its expectation is unbounded (a token pi pushed down that mu and ref still like
+        weighs ref/pi); weighted, E_mu[w_kl k3] = KL(pi || ref) and E_mu[w_kl grad k3] is the on-policy
+        gradient, wherever the weight is not truncated.
+    With one update per batch pi = pi_old, so the two weights are equal. Without mu both are 1.
+
+    Metrics: kl (the weighted estimate, what the loss uses), kl_unweighted, kl_clamped_fraction (tokens
+    whose log-ratio hit kl_clamp: the estimate is biased there).
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
@@ -169,11 +179,13 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    if is_weights is not None:
-        per_token = per_token * is_weights.detach().to(logp.dtype)
+    kl_weights = torch.ones_like(logp)
+    if behaviour_logp is not None:
+        per_token = per_token * truncated_importance_weights(old_logp, behaviour_logp, tis_cap).to(logp.dtype)
+        kl_weights = truncated_importance_weights(logp, behaviour_logp, tis_cap).to(logp.dtype)
     kl = k3_kl(logp, ref_logp, kl_clamp) if ref_logp is not None else torch.zeros_like(logp)
     if beta > 0:
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * kl_weights * kl
     loss = aggregate(per_token, mask, aggregation, normalizer)
 
     with torch.no_grad():
@@ -182,9 +194,12 @@ def grpo_loss(
         clipped_here = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         ntok = active.sum().clamp(min=1)
         masked_ratio = ratio[active]
+        kl_clamped = (ref_logp - logp).abs() > kl_clamp if ref_logp is not None else torch.zeros_like(active)
         metrics = {
             "loss": float(loss.detach()),
-            "kl": float((kl * mask).sum() / ntok),
+            "kl": float((kl_weights * kl * mask).sum() / ntok),
+            "kl_unweighted": float((kl * mask).sum() / ntok),
+            "kl_clamped_fraction": float((kl_clamped & active).sum() / ntok),
             "clip_fraction": float((clipped_here & active).sum() / ntok),
             "ratio_min": float(masked_ratio.min()) if masked_ratio.numel() else 1.0,
             "ratio_mean": float(masked_ratio.mean()) if masked_ratio.numel() else 1.0,

@@ -22,7 +22,7 @@ import torch
 from configs.runtime_env import apply_default_env, cpu_affinity_env, pin_from_env, route_logs_from_env
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
-from learner.grpo import grpo_loss, off_policy_metrics, off_policy_sums, truncated_importance_weights
+from learner.grpo import grpo_loss, off_policy_metrics, off_policy_sums
 from learner.policy import (
     PolicySample,
     build_micro_batches,
@@ -204,14 +204,9 @@ class LearnerWorker:
                 engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
                 logp, mask = self._completion_logprobs(engine, batch)
                 old_logp = old[index] if old is not None else logp.detach()
-                is_weights = None
-                if with_behaviour:
-                    # pi_old / mu: the same for every iteration (old_logp and mu are fixed for the batch).
-                    behaviour = batch.behaviour(logp.shape[1], logp.device)
-                    if iteration == 0:
-                        totals.add_off_policy(off_policy_sums(old_logp, behaviour, mask, cap))
-                    if correct:
-                        is_weights = truncated_importance_weights(old_logp, behaviour, cap)
+                behaviour = batch.behaviour(logp.shape[1], logp.device) if with_behaviour else None
+                if behaviour is not None and iteration == 0:
+                    totals.add_off_policy(off_policy_sums(old_logp, behaviour, mask, cap))
                 loss, metrics = grpo_loss(
                     logp,
                     old_logp,
@@ -224,7 +219,8 @@ class LearnerWorker:
                     kl_clamp=self.learner.kl_clamp,
                     aggregation=self.learner.loss_aggregation,
                     normalizer=normalizer,
-                    is_weights=is_weights,
+                    behaviour_logp=behaviour if correct else None,
+                    tis_cap=cap,
                 )
                 engine.backward(loss, scale_wrt_gas=False)
                 totals.add(metrics)
@@ -381,6 +377,8 @@ class _MetricTotals:
         self.loss = 0.0
         self.tokens = 0.0
         self.kl_tokens = 0.0
+        self.kl_unweighted_tokens = 0.0
+        self.kl_clamped_tokens = 0.0
         self.clip_tokens = 0.0
         self.ratio_tokens = 0.0
         self.ratio_min = float("inf")
@@ -402,6 +400,8 @@ class _MetricTotals:
         self.loss += metrics["loss"]
         self.tokens += tokens
         self.kl_tokens += metrics["kl"] * tokens
+        self.kl_unweighted_tokens += metrics["kl_unweighted"] * tokens
+        self.kl_clamped_tokens += metrics["kl_clamped_fraction"] * tokens
         self.clip_tokens += metrics["clip_fraction"] * tokens
         self.ratio_tokens += metrics["ratio_mean"] * tokens
         self.ratio_min = min(self.ratio_min, metrics["ratio_min"])
@@ -410,20 +410,32 @@ class _MetricTotals:
     def reduce(self, num_iterations: int, world_size: int, device) -> dict[str, float]:
         dist = torch.distributed
         sums = torch.tensor(
-            [self.loss, self.tokens, self.kl_tokens, self.clip_tokens, self.ratio_tokens],
+            [
+                self.loss,
+                self.tokens,
+                self.kl_tokens,
+                self.kl_unweighted_tokens,
+                self.kl_clamped_tokens,
+                self.clip_tokens,
+                self.ratio_tokens,
+            ],
             dtype=torch.float64,
             device=device,
         )
         extremes = torch.tensor([-self.ratio_min, self.ratio_max], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        loss, tokens, kl_tokens, clip_tokens, ratio_tokens = sums.tolist()
+        loss, tokens, kl_tokens, kl_unweighted_tokens, kl_clamped_tokens, clip_tokens, ratio_tokens = (
+            sums.tolist()
+        )
         tokens_per_iteration = tokens / num_iterations
         tokens = max(tokens, 1.0)
         return self._reduce_off_policy(device) | {
             # Each rank's loss is its share of the global one times world_size (see the normalizer).
             "loss": loss / (world_size * num_iterations),
             "kl": kl_tokens / tokens,
+            "kl_unweighted": kl_unweighted_tokens / tokens,
+            "kl_clamped_fraction": kl_clamped_tokens / tokens,
             "clip_fraction": clip_tokens / tokens,
             "ratio_min": -float(extremes[0]),
             "ratio_mean": ratio_tokens / tokens,

@@ -31,8 +31,8 @@ def reference_advantages(rewards, mode):
 
 
 def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregation, behaviour=None, cap=None):
-    """One loop per token, straight from the published objective; with behaviour log-probs, each token's
-    policy-gradient term is scaled by min(pi_old / mu, cap)."""
+    """One loop per token, straight from the published objective; with behaviour log-probs mu, each token's
+    policy-gradient term is scaled by min(pi_old / mu, cap) and its KL term by min(pi / mu, cap)."""
     per_seq, total, ntok = [], 0.0, 0
     for b in range(len(logp)):
         seq_sum, seq_n = 0.0, 0
@@ -41,10 +41,11 @@ def reference_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, aggregati
                 continue
             ratio = math.exp(logp[b][t] - old[b][t])
             surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps_low), 1 + eps_high) * adv[b])
-            if behaviour is not None:
-                surrogate *= min(math.exp(old[b][t] - behaviour[b][t]), cap)
             d = ref[b][t] - logp[b][t]
             kl = math.exp(d) - d - 1
+            if behaviour is not None:
+                surrogate *= min(math.exp(old[b][t] - behaviour[b][t]), cap)
+                kl *= min(math.exp(logp[b][t] - behaviour[b][t]), cap)
             value = -surrogate + beta * kl
             seq_sum += value
             seq_n += 1
@@ -200,13 +201,28 @@ def test_importance_weighted_loss_and_off_policy_metrics_match_loop_reference(se
     gen = torch.Generator().manual_seed(100 + seed)
     behaviour = old + (torch.rand(old.shape, generator=gen, dtype=torch.float64) - 0.5) * 2.0
     cap = 1.5
-    weights = truncated_importance_weights(old, behaviour, cap)
-    loss, _ = grpo_loss(
-        logp, old, adv, mask, ref_logp=ref, beta=0.04, aggregation=aggregation, is_weights=weights.double()
+    loss, metrics = grpo_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        ref_logp=ref,
+        beta=0.04,
+        aggregation=aggregation,
+        behaviour_logp=behaviour,
+        tis_cap=cap,
     )
     lists = [t.tolist() for t in (logp, old, ref, adv, mask)]
     expected = reference_loss(*lists, 0.04, 0.2, 0.2, aggregation, behaviour=behaviour.tolist(), cap=cap)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    # The logged KL is the weighted estimate; the unweighted one is the plain token mean of k3.
+    cells = [(b, t) for b in range(len(mask)) for t in range(mask.shape[1]) if mask[b, t]]
+    gap = {c: float(ref[c] - logp[c]) for c in cells}
+    k3 = {c: math.exp(gap[c]) - gap[c] - 1 for c in cells}
+    weight = {c: min(math.exp(float(logp[c] - behaviour[c])), cap) for c in cells}
+    assert metrics["kl"] == pytest.approx(sum(weight[c] * k3[c] for c in cells) / len(cells), rel=1e-9)
+    assert metrics["kl_unweighted"] == pytest.approx(sum(k3.values()) / len(cells), rel=1e-9)
+    assert metrics["kl_clamped_fraction"] == 0.0
     # The random gaps reach past the cap: truncation is exercised, not assumed.
     metrics = off_policy_metrics(off_policy_sums(old, behaviour, mask, cap))
     reference = reference_off_policy(old.tolist(), behaviour.tolist(), mask.tolist(), cap)
@@ -257,14 +273,119 @@ def test_batch_whose_weights_are_all_truncated_gives_finite_loss_and_gradients()
     assert metrics["truncated_fraction"] == 1.0 and math.isfinite(metrics["is_weight_max"])
     assert metrics["ess"] == pytest.approx(1.0)
 
-    def loss_and_grad(is_weights):
+    def loss_and_grad(behaviour_logp):
         current = logp.clone().requires_grad_(True)
-        loss, _ = grpo_loss(current, old, adv, mask, beta=0.0, is_weights=is_weights)
+        loss, _ = grpo_loss(current, old, adv, mask, beta=0.0, behaviour_logp=behaviour_logp, tis_cap=2.0)
         loss.backward()
         return loss, current.grad
 
-    weighted, weighted_grad = loss_and_grad(weights.double())
+    weighted, weighted_grad = loss_and_grad(behaviour)
     plain, plain_grad = loss_and_grad(None)
     assert torch.isfinite(weighted) and torch.isfinite(weighted_grad).all()
     assert weighted.item() == pytest.approx(2.0 * plain.item())
     torch.testing.assert_close(weighted_grad, 2.0 * plain_grad)
+
+
+def stale_categorical_case():
+    """One token from a 50-token vocabulary. The sampler mu is the reference; since it sampled, an update
+    lowered 5 tokens by 9 nats in the current policy pi: a stale batch still holds such tokens, and under
+    mu they are as likely as under the reference."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(torch.randn(50, generator=gen, dtype=torch.float64), 0)
+    lowered = torch.zeros(50, dtype=torch.float64)
+    lowered[:5] = -9.0
+    return ref + lowered, ref, ref.clone()  # pi's logits, ref, mu
+
+
+def expected_loss_under_sampler(logits, old_logp, ref, behaviour, sampler, kl_clamp=10.0):
+    """sum_x sampler(x) * loss(x): each token x is a one-token sequence with advantage 0 and beta 1, so its
+    loss is its KL term; the sum is the loss's expectation when the tokens are drawn from `sampler`.
+    Returns it with the per-row metrics."""
+    logp = torch.log_softmax(logits, 0)
+    total, rows = 0.0, []
+    for x in range(len(logp)):
+        loss, metrics = grpo_loss(
+            logp[x].reshape(1, 1),
+            old_logp[x].reshape(1, 1),
+            torch.zeros(1, dtype=torch.float64),
+            torch.ones(1, 1),
+            ref_logp=ref[x].reshape(1, 1),
+            beta=1.0,
+            kl_clamp=kl_clamp,
+            behaviour_logp=behaviour[x].reshape(1, 1) if behaviour is not None else None,
+            tis_cap=2.0,
+        )
+        total = total + sampler[x] * loss
+        rows.append(metrics)
+    return total, rows
+
+
+def on_policy_kl_and_gradient(logits, ref):
+    """KL(pi || ref), and the gradient sampling from pi gives the k3 term: grad of sum_x pi(x) k3(x) with
+    the weights pi(x) held fixed."""
+    logits = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, 0)
+    pi = logp.exp()
+    kl = float((pi * (logp - ref)).sum().detach())
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    (pi.detach() * k3).sum().backward()
+    return kl, logits.grad
+
+
+def test_kl_term_on_stale_tokens_is_unbiased_for_kl_and_its_on_policy_gradient():
+    logits, ref, mu = stale_categorical_case()
+    kl, on_policy_grad = on_policy_kl_and_gradient(logits, ref)
+    current = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(current, 0).detach()
+    # One update per batch: pi_old is the current policy.
+    expected, rows = expected_loss_under_sampler(current, logp, ref, mu, mu.exp())
+    expected.backward()
+    assert float(expected) == pytest.approx(kl, rel=1e-6)
+    torch.testing.assert_close(current.grad, on_policy_grad, rtol=1e-6, atol=1e-9)
+    # Nothing was truncated or clamped here: the equalities are exact, not approximate by luck.
+    assert all(row["kl_clamped_fraction"] == 0.0 for row in rows)
+    assert float((logp - mu).exp().max()) < 2.0
+    # The unweighted term, as the loss had it before: its expectation under mu is thousands of times the KL.
+    unweighted, _ = expected_loss_under_sampler(logits, logp, ref, None, mu.exp())
+    assert float(unweighted) > 1000 * kl
+
+
+def test_kl_weight_follows_the_current_policy_over_several_updates():
+    """With more than one update per batch pi_old stays where the batch started while pi moves: the KL
+    term's weight uses pi, so its expectation under mu is KL(pi || ref) whatever pi_old is."""
+    logits, ref, mu = stale_categorical_case()
+    kl, on_policy_grad = on_policy_kl_and_gradient(logits, ref)
+    current = logits.clone().requires_grad_(True)
+    old_logp = torch.log_softmax(logits * 0.5, 0)
+    expected, _ = expected_loss_under_sampler(current, old_logp, ref, mu, mu.exp())
+    expected.backward()
+    assert float(expected) == pytest.approx(kl, rel=1e-6)
+    torch.testing.assert_close(current.grad, on_policy_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_behaviour_equal_to_old_leaves_loss_and_gradient_unchanged():
+    logp, _, ref, adv, mask = random_batch(7)
+
+    def loss_and_grad(with_behaviour):
+        current = logp.clone().requires_grad_(True)
+        old = current.detach()
+        loss, metrics = grpo_loss(
+            current, old, adv, mask, ref_logp=ref, beta=0.04, behaviour_logp=old if with_behaviour else None
+        )
+        loss.backward()
+        return loss, current.grad, metrics
+
+    loss, grad, metrics = loss_and_grad(True)
+    plain_loss, plain_grad, plain_metrics = loss_and_grad(False)
+    assert loss.item() == plain_loss.item()
+    assert torch.equal(grad, plain_grad)
+    assert metrics["kl"] == metrics["kl_unweighted"] == plain_metrics["kl"]
+
+
+def test_kl_clamp_binding_is_counted():
+    logp = torch.tensor([[-0.1, -20.0, -0.2]], dtype=torch.float64)
+    ref = torch.tensor([[-0.1, -0.1, -15.0]], dtype=torch.float64)
+    _, metrics = grpo_loss(
+        logp, logp, torch.zeros(1), torch.ones(1, 3), ref_logp=ref, beta=1.0, kl_clamp=10.0
+    )
+    assert metrics["kl_clamped_fraction"] == pytest.approx(2 / 3)
