@@ -111,6 +111,7 @@ def bench_preset(preset: str, args, images) -> dict:
         kv_cache_gib=args.kv_cache_gib,
         enforce_eager=args.enforce_eager,
         in_process_engine=False,
+        seed=0,
     )
     # transformers first: the engine's process would otherwise compete for the two cores.
     processor = load_processor(path, model_cfg.min_pixels, model_cfg.max_pixels)

@@ -129,7 +129,8 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0, description="0 = no top-k truncation (vLLM's default)")
     max_new_tokens: int = Field(256, ge=1)
     thinking: bool = True
-    seed: int = 0
+    # The engines' random stream (worker i > 0 derives its own); null: train.seed.
+    seed: int | None = None
     # Forbid sampling <|image_pad|> and the other vision special tokens (they crash the learner's forward).
     suppress_vision_tokens: bool = True
     # Only 1: a rollout worker holds one placement bundle of cluster.rollout.num_gpus, and nothing
@@ -285,8 +286,8 @@ class EvalConfig(Section):
     thinking: bool = True
     # Evaluations sample from a stream of their own, seeded with this at every evaluation: they leave
     # the rollouts' random stream alone (a run's training is the same with or without them), and every
-    # evaluation of a run draws alike, so before and after differ by the weights.
-    seed: int = 0
+    # evaluation of a run draws alike, so before and after differ by the weights. null: train.seed.
+    seed: int | None = None
     max_images: int | None = Field(None, ge=1)
     bootstrap: int = Field(1000, ge=0)
 
@@ -318,6 +319,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        # One seed for a run (train.seed) unless the rollouts or the evaluations are given their own.
+        if self.rollout.seed is None:
+            self.rollout.seed = self.train.seed
+        if self.eval.seed is None:
+            self.eval.seed = self.train.seed
         if self.reward.fidelity_weight > 0 and self.rollout.num_generations < 2:
             raise ValueError(
                 "rollout.num_generations must be >= 2 with the fidelity reward "

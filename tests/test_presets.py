@@ -33,8 +33,25 @@ def test_a_base_chain_that_loops_or_names_no_preset_fails_with_the_file(tmp_path
         load_config(tmp_path / "d.yaml")
 
 
-@pytest.mark.parametrize("preset", ["proof", "tint-check"])
-def test_the_learning_presets_are_cpu_default_plus_their_settings(preset):
-    config, base = load_config(preset), load_config("cpu-default")
-    assert config.model.path == base.model.path and config.rollout == base.rollout
-    assert config.learner.advantage == "mean_only" and config.learner.grad_clip == 0.03
+def test_the_proof_is_make_train_run_longer_and_the_tint_check_keeps_its_measured_settings():
+    base = load_config("cpu-default")
+    assert base.learner.advantage == "mean_only" and base.learner.grad_clip == 0.03
+    assert base.reward.on_parse_failure == "exclude" and base.reward.fidelity == "label_only"
+    proof = load_config("proof")
+    assert proof.train.steps == 300 and proof.eval.every == 100
+    for section in ("model", "rollout", "learner", "reward", "cluster", "data"):
+        assert getattr(proof, section) == getattr(base, section), section
+    assert proof.eval.model_copy(update={"every": 0}) == base.eval
+    # The tint check's bounds (tests/test_learning.py) were measured on these settings.
+    tint = load_config("tint-check")
+    assert tint.model.path == "models/vqr1-small-cold-start" and tint.rollout == base.rollout
+    assert (tint.learner.lr, tint.learner.warmup_steps, tint.learner.grad_clip) == (1e-3, 0, 0.03)
+    assert (tint.reward.on_parse_failure, tint.reward.fidelity) == ("random", "published")
+    assert (tint.eval.num_samples, tint.eval.temperature) == (16, 1.0)
+
+
+def test_one_seed_seeds_the_rollouts_and_evaluations_unless_they_have_their_own():
+    config = load_config("cpu-tiny", ["train.seed=7"])
+    assert config.rollout.seed == 7 and config.eval.seed == 7
+    config = load_config("cpu-tiny", ["train.seed=7", "rollout.seed=3", "eval.seed=4"])
+    assert (config.train.seed, config.rollout.seed, config.eval.seed) == (7, 3, 4)

@@ -78,14 +78,3 @@ def test_control_only_plan_is_the_permuted_label_run_alone():
 def test_plan_without_control_runs_only_the_seeds():
     plan = dict(run_plan([3], Path("/o"), control="none"))
     assert list(plan) == ["seed-3"] and "reward.permute_labels=true" not in plan["seed-3"]
-
-
-def test_the_proof_preset_is_cpu_default_with_the_whole_number_cold_start_step():
-    from configs.load import load_config
-
-    config, base = load_config("proof"), load_config("cpu-default")
-    assert config.model.path == base.model.path and config.rollout == base.rollout
-    assert config.train.steps == 300 and config.eval.num_samples == 32
-    assert config.model.cold_start.score_decimals == 0
-    assert config.learner.advantage == "mean_only" and config.reward.on_parse_failure == "exclude"
-    assert config.learner.grad_clip == 0.03 and config.reward.fidelity == "label_only"

@@ -102,7 +102,7 @@ def test_push_through_the_ray_rollout_actor(tmp_path):
         worker = create_rollout_worker(
             checkpoint,
             ModelConfig(preset="tiny"),
-            RolloutConfig(max_new_tokens=16, enforce_eager=True, kv_cache_gib=0.25),
+            RolloutConfig(max_new_tokens=16, enforce_eager=True, kv_cache_gib=0.25, seed=0),
             PlacementConfig(num_cpus=1),
         )
         assert ray.get(worker.ping.remote(), timeout=300) == "pong"
