@@ -44,9 +44,11 @@ def group_advantages(
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, >= 0.
 
-    The log-ratio is clamped to [-clamp, clamp] so one badly off token cannot overflow exp.
+    The log-ratio ref - logp is bounded above by `clamp` so one token cannot overflow exp. Only above: a
+    token the policy has raised far over the reference (ref - logp << 0) costs about logp - ref, linear, and
+    a lower bound would take away exactly the gradient that pulls such a token back.
     """
-    log_ratio = torch.clamp(ref_logp - logp, -clamp, clamp)
+    log_ratio = torch.clamp(ref_logp - logp, max=clamp)
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
@@ -194,7 +196,7 @@ def grpo_loss(
         clipped_here = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         ntok = active.sum().clamp(min=1)
         masked_ratio = ratio[active]
-        kl_clamped = (ref_logp - logp).abs() > kl_clamp if ref_logp is not None else torch.zeros_like(active)
+        kl_clamped = (ref_logp - logp) > kl_clamp if ref_logp is not None else torch.zeros_like(active)
         metrics = {
             "loss": float(loss.detach()),
             "kl": float((kl_weights * kl * mask).sum() / ntok),

@@ -382,10 +382,15 @@ def test_behaviour_equal_to_old_leaves_loss_and_gradient_unchanged():
     assert metrics["kl"] == metrics["kl_unweighted"] == plain_metrics["kl"]
 
 
-def test_kl_clamp_binding_is_counted():
-    logp = torch.tensor([[-0.1, -20.0, -0.2]], dtype=torch.float64)
+def test_kl_clamp_bounds_only_the_overflowing_side_and_is_counted():
+    """ref - logp above the clamp would overflow exp: bounded and counted. A token the policy raised far
+    above the reference (ref - logp = -14.8) keeps its exact k3 and the gradient that pulls it back."""
+    logp = torch.tensor([[-0.1, -20.0, -0.2]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-0.1, -0.1, -15.0]], dtype=torch.float64)
-    _, metrics = grpo_loss(
-        logp, logp, torch.zeros(1), torch.ones(1, 3), ref_logp=ref, beta=1.0, kl_clamp=10.0
-    )
-    assert metrics["kl_clamped_fraction"] == pytest.approx(2 / 3)
+    loss, metrics = grpo_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 3), ref_logp=ref, beta=1.0)
+    assert metrics["kl_clamped_fraction"] == pytest.approx(1 / 3)
+    loss.backward()
+    gap = -14.8
+    assert metrics["kl_unweighted"] == pytest.approx((math.exp(10.0) - 11.0 + math.exp(gap) - gap - 1) / 3)
+    assert logp.grad[0, 1] == 0.0  # clamped: no gradient
+    assert logp.grad[0, 2].item() == pytest.approx((1 - math.exp(gap)) / 3)
