@@ -66,6 +66,7 @@ eval: setup
 	$(VQR1) eval --config $(PRESET) $(ARGS)
 
 mlflow-ui: setup
+	@echo "MLflow's Model training view (charts, system metrics): http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 base-model: setup

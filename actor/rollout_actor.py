@@ -27,6 +27,13 @@ class RolloutWorker:
     def ping(self) -> str:
         return "pong"
 
+    def system_metrics(self) -> dict:
+        """This worker's CPU, memory, GPU and KV-cache figures since the previous call
+        (configs.system_metrics.sample)."""
+        from configs.system_metrics import sample
+
+        return sample(self.engine.kv_cache_figures())
+
     def generate(
         self,
         images: list,  # PIL images or encoded image bytes / paths (actor.rollout_engine.ImageInput)

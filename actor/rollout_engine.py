@@ -169,6 +169,26 @@ def build_sampling_params(
     )
 
 
+def _note_peak_kv_cache_usage(llm):
+    """In the in-process engine, wrap its scheduler's `schedule` to keep the largest KV-cache usage of
+    any engine step (between generations the cache is free again, so a reading then says nothing).
+    Returns (scheduler, [peak]), or None where the scheduler is in another process."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # vLLM's InprocClient only
+    scheduler = getattr(core, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "kv_cache_manager"):
+        return None
+    peak = [0.0]
+    schedule = scheduler.schedule
+
+    def schedule_noting_usage(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        peak[0] = max(peak[0], scheduler.kv_cache_manager.usage)
+        return output
+
+    scheduler.schedule = schedule_noting_usage
+    return scheduler, peak
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -223,6 +243,18 @@ class RolloutEngine:
             weight_transfer_config=engine_weight_transfer_config(weight_transfer_backend),
             **memory,
         )
+        self._kv_cache_peak = _note_peak_kv_cache_usage(self.llm)
+
+    def kv_cache_figures(self) -> dict[str, float]:
+        """The share of the KV cache in use now and at its fullest since the previous call, in percent;
+        empty for the multiprocess engine, whose scheduler runs in its engine-core process."""
+        if self._kv_cache_peak is None:
+            return {}
+        scheduler, peak = self._kv_cache_peak
+        usage = scheduler.kv_cache_manager.usage
+        figures = {"kv_cache_percent": 100.0 * usage, "kv_cache_peak_percent": 100.0 * max(peak[0], usage)}
+        peak[0] = 0.0
+        return figures
 
     def _token_id(self, token: str) -> int:
         return token_id(self.processor.tokenizer, token, self.model_path)

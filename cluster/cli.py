@@ -12,41 +12,16 @@ imported only by the subcommand that runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from configs.runtime_env import apply_default_env
-
-
-def add_train_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="GRPO training of a preset")
-    parser.add_argument("--config", default="cpu-default", help="a preset name in configs/ or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. learner.lr=1e-6")
-    parser.set_defaults(handler=run_train)
-
-
-def run_train(args) -> int:
-    from cluster.train import run
-    from configs.load import ConfigError, load_config
-    from iqa.report import BadInputError
-
-    try:
-        config = load_config(args.config, args.overrides)
-        result = run(config)
-    except (ConfigError, BadInputError) as exc:  # the message names the key, or the file, row and reason
-        print(exc, file=sys.stderr)
-        return 2
-    output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from cluster.evaluation import add_eval_parser
     from cluster.proof import add_proof_parser
     from cluster.score import add_score_parser
+    from cluster.train import add_train_parser
     from iqa.data_check import add_data_parser
     from models.base_model import add_base_model_parser
 

@@ -1,10 +1,10 @@
 """Held-out evaluation: in the training loop through the rollout workers (the current policy), and as
 `vqr1 eval` / `make eval` for a checkpoint through one in-process vLLM engine.
 
-Writes predictions CSV, metrics JSON and a scatter plot, and logs them to the MLflow run. Evaluations
-sample from a stream of their own (`eval.seed`): image k of an evaluation gets the seeds
-eval.seed + k * eval.num_samples, whichever call and worker score it, and the rollouts' stream is left
-where it was.
+Writes predictions CSV, metrics JSON and a scatter plot, and logs them to the MLflow run (`vqr1 eval`
+writes the engine's and the libraries' output to eval.log beside them). Evaluations sample from a stream
+of their own (`eval.seed`): image k of an evaluation gets the seeds eval.seed + k * eval.num_samples,
+whichever call and worker score it, and the rollouts' stream is left where it was.
 """
 
 from __future__ import annotations
@@ -129,13 +129,10 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval_command(args) -> int:
-    from actor.rollout_engine import RolloutEngine
-    from cluster.tracking import Tracker
     from configs.load import ConfigError, load_config
+    from configs.runtime_env import output_to_log, route_logs
     from iqa.report import BadInputError
     from iqa.splits import load_run_data
-    from models.base_model import cold_start_for_run
-    from vlm.factory import resolve_model_path
 
     try:
         config = load_config(args.config, args.overrides)
@@ -143,17 +140,32 @@ def run_eval_command(args) -> int:
     except (ConfigError, BadInputError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    model_path = resolve_model_path(config.model, config.data.models_cache_dir)
+    out_dir = Path(args.out or Path(config.train.output_dir) / "eval")
+    # vLLM's start-up lines and the libraries' warnings go to this log; the console keeps the evaluation's.
+    log_file = out_dir / "eval.log"
+    route_logs(log_file)
+    from actor.rollout_engine import RolloutEngine
+    from cluster.tracking import Tracker
+    from models.base_model import cold_start_for_run
+    from vlm.factory import resolve_model_path
+
+    with output_to_log(log_file):
+        model_path = resolve_model_path(config.model, config.data.models_cache_dir)
     if config.model.cold_start is not None:  # the run's own cold start (models/base_model.py), as it trained
         model_path = cold_start_for_run(config, model_path)
-    engine = RolloutEngine(model_path, config.model, config.rollout)
-    score_images = image_scorer(config, [engine.generate], lambda results: results)
-    tracker = Tracker(
-        config.model_copy(update={"tracking": config.tracking.model_copy(update={"run_name": "eval"})})
-    )
-    out_dir = Path(args.out or Path(config.train.output_dir) / "eval")
+    with output_to_log(log_file):
+        engine = RolloutEngine(model_path, config.model, config.rollout)
+        tracker = Tracker(
+            config.model_copy(update={"tracking": config.tracking.model_copy(update={"run_name": "eval"})})
+        )
+
+    def generate(*positional, **options):
+        with output_to_log(log_file):
+            return engine.generate(*positional, **options)
+
+    score_images = image_scorer(config, [generate], lambda results: results)
     metrics = evaluate_split(config, eval_split, score_images, out_dir, tracker, "eval", 0)
     tracker.finish()
     print(json.dumps(metrics, indent=2, default=str))
-    print(f"model {model_path}\noutputs in {out_dir}\n{tracker.describe()}")
+    print(f"model {model_path}\noutputs in {out_dir}\n{tracker.describe()}\nlibrary log: {log_file}")
     return 0

@@ -8,6 +8,7 @@ For each image: the mean of the parsed scores of its n samples, their spread (sa
 deviation) and one reasoning (the <think> text of the first parsed sample). Files that cannot be
 read as images (missing, corrupt, not an image) are reported by name; the others are still scored
 and the exit status is 1 if any file was bad. A mean outside the score range is marked OUT OF RANGE.
+The engine's and the libraries' output goes to <train.output_dir>/score.log, not the console.
 """
 
 from __future__ import annotations
@@ -149,10 +150,9 @@ def write_csv(path: Path, results: list[ImageScore]) -> None:
 
 
 def run_score(args) -> int:
-    from configs.runtime_env import apply_default_env
+    from configs.runtime_env import apply_default_env, output_to_log, route_logs
 
     apply_default_env()
-    from actor.rollout_engine import RolloutEngine
     from configs.load import ConfigError, load_config
     from iqa.images import ImageLoadError, load_image
 
@@ -174,9 +174,16 @@ def run_score(args) -> int:
     if not files:
         print(f"error: no files found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    model_path, which = scoring_model(config, args)
+    # vLLM's start-up lines and the libraries' warnings go to this log; the console keeps the scores.
+    log_file = Path(config.train.output_dir) / "score.log"
+    route_logs(log_file)
+    from actor.rollout_engine import RolloutEngine
+
+    with output_to_log(log_file):
+        model_path, which = scoring_model(config, args)
     print(f"scoring with {model_path}: {which}", file=sys.stderr)
-    engine = RolloutEngine(model_path, config.model, config.rollout)
+    with output_to_log(log_file):
+        engine = RolloutEngine(model_path, config.model, config.rollout)
     low, high = config.reward.score_range
 
     results: list[ImageScore] = []
@@ -190,18 +197,20 @@ def run_score(args) -> int:
                 except ImageLoadError as exc:
                     results.append(ImageScore(path=str(path), error=exc.reason))
                     tqdm.write(format_line(results[-1], low, high))
-            rollouts = engine.generate(
-                [image for _, image in loaded],
-                num_samples,
-                temperature=config.eval.temperature,
-                thinking=config.eval.thinking,
-                seed=config.eval.seed + start * num_samples,
-            )
+            with output_to_log(log_file):
+                rollouts = engine.generate(
+                    [image for _, image in loaded],
+                    num_samples,
+                    temperature=config.eval.temperature,
+                    thinking=config.eval.thinking,
+                    seed=config.eval.seed + start * num_samples,
+                )
             for (path, _), rollout in zip(loaded, rollouts, strict=True):
                 results.append(summarise(str(path), rollout.completions))
                 tqdm.write(format_line(results[-1], low, high))
             progress.update(len(batch))
-    engine.shutdown()
+    with output_to_log(log_file):
+        engine.shutdown()
 
     if args.csv:
         write_csv(args.csv, results)
@@ -216,4 +225,5 @@ def run_score(args) -> int:
         )
     for r in bad:
         print(f"bad file: {r.path}: {r.error}", file=sys.stderr)
+    print(f"library log: {log_file}", file=sys.stderr)
     return 1 if bad else 0

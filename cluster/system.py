@@ -1,5 +1,6 @@
 """The Ray system of one run: the actors (rollout workers, reward actor, learner ranks) in their
-placement groups (one per role), remote calls with named timeouts, rollout-worker replacement, and the weight push.
+placement groups (one per role), remote calls with named timeouts, rollout-worker replacement, the
+weight push, and each role's system figures per step (`SystemMonitor`).
 
 `cluster.train` drives it; every call here is one phase of a step and names the step, the phase and the
 actor when it fails.
@@ -68,12 +69,18 @@ def wait(refs, config, phase: str, step: int, actor: str):
 
 
 def start_ray(config, env_vars: dict[str, str]) -> None:
+    """Start or join Ray. Each worker process of the run starts with `actor_output_to_log`
+    (configs/runtime_env.py): its output goes to the run's log file, and only its errors reach the
+    driver's console, prefixed with the actor's name."""
     import os
 
     import ray
 
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env_vars}
+    runtime_env = {
+        "env_vars": env_vars,
+        "worker_process_setup_hook": "configs.runtime_env.actor_output_to_log",
+    }
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -461,3 +468,108 @@ def weight_sync_gap(system: System, config, image: bytes, prompt: str, step: int
         learner_logprobs = per_rank[0][0]  # rank 0, the one completion
         gaps.append(max(abs(a - b) for a, b in zip(completion.logprobs, learner_logprobs, strict=True)))
     return max(gaps)
+
+
+class SystemMonitor:
+    """Per step, every actor's system figures (configs.system_metrics) and the driver's own, logged as
+    `system/<role>/<name>` (role: driver, rollout-<i>, reward, learner-<i>) and, once per machine,
+    `system/machine-<host>/<name>` for its CPU and memory; the tags `system.<role>.machine` name each
+    role's machine. MLflow's UI shows every `system/` metric in the run's "System metrics" tab.
+
+    The actors are asked without waiting: a rollout worker runs its calls in order, so with batches
+    generating ahead it answers only after them. Each answer is logged at the step it was asked at,
+    once it has arrived (by the next step's poll, or `flush` at the end). An actor that died is
+    skipped: the figures never stop a run.
+    """
+
+    def __init__(self, system: System, tracker) -> None:
+        self.system = system
+        self.tracker = tracker
+        self.pending: dict[str, tuple[object, int]] = {}  # role -> (reference, step asked at)
+        self.machines: dict[str, str] = {}  # role -> "host (address)", as tagged
+        self.driver_host: str | None = None  # its machine figures come from the driver's own sample
+
+    def actors(self) -> list[tuple[str, object]]:
+        system = self.system
+        return [
+            *((f"rollout-{i}", worker) for i, worker in enumerate(system.rollout_workers)),
+            ("reward", system.reward),
+            *((f"learner-{i}", learner) for i, learner in enumerate(system.learners)),
+        ]
+
+    def poll(self, step: int) -> None:
+        """Log the answers that have arrived, the driver's figures of `step`, and ask every actor
+        without a question in flight for its figures of `step`."""
+        from configs.system_metrics import sample
+
+        self._log_arrived(timeout=0)
+        # The driver alone: a local Ray node's processes (the actors among them) are its children.
+        driver = sample(children=False)
+        self.driver_host = driver["host"]
+        self._log({"driver": driver}, step)
+        for role, actor in self.actors():
+            if role not in self.pending:
+                try:
+                    self.pending[role] = (actor.system_metrics.remote(), step)
+                except Exception as exc:  # a dead actor: its figures are skipped
+                    log.debug("system metrics of %s not asked: %s", role, exc)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait up to `timeout` seconds for the answers in flight and log them."""
+        self._log_arrived(timeout=timeout)
+        self.pending.clear()
+
+    def _log_arrived(self, timeout: float) -> None:
+        import ray
+
+        if not self.pending:
+            return
+        refs = [ref for ref, _ in self.pending.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        ready = set(ready)
+        by_step: dict[int, dict[str, dict]] = {}
+        for role, (ref, step) in list(self.pending.items()):
+            if ref not in ready:
+                continue
+            del self.pending[role]
+            try:
+                by_step.setdefault(step, {})[role] = ray.get(ref, timeout=0)
+            except Exception as exc:  # a dead or replaced actor: no figures this step
+                log.debug("system metrics of %s at step %d lost: %s", role, step, exc)
+        for step, reports in sorted(by_step.items()):
+            self._log(reports, step)
+
+    def _log(self, reports: dict[str, dict], step: int) -> None:
+        for role, report in sorted(reports.items()):
+            # One point per machine and step: the driver's machine is measured by the driver.
+            others = set() if role == "driver" else {self.driver_host}
+            metrics, tags = system_metric_names({role: report}, machines_measured_elsewhere=others)
+            changed = {key: value for key, value in tags.items() if self.machines.get(key) != value}
+            if changed:
+                self.tracker.set_tags(changed)
+                self.machines.update(changed)
+            # At the time they were taken: the UI plots system metrics against time, and an answer
+            # may arrive a step late.
+            self.tracker.log_metrics(metrics, step=step, timestamp=report.get("time"))
+
+
+def system_metric_names(
+    reports: dict[str, dict], machines_measured_elsewhere: set = frozenset()
+) -> tuple[dict[str, float], dict[str, str]]:
+    """MLflow metrics and tags from {role: configs.system_metrics.sample()}: each role's own figures as
+    `system/<role>/<name>`, the machine figures (`node_*`) once per host as
+    `system/machine-<host>/<name>` (none for the hosts in machines_measured_elsewhere), and a tag
+    `system.<role>.machine` = "host (address)"."""
+    import re
+
+    metrics, tags = {}, {}
+    for role, report in sorted(reports.items()):
+        host = re.sub(r"[^\w\-.]", "_", report["host"])
+        tags[f"system.{role}.machine"] = f"{report['host']} ({report['address']})"
+        for name, value in report["figures"].items():
+            if name.startswith("node_"):
+                if report["host"] not in machines_measured_elsewhere:
+                    metrics[f"system/machine-{host}/{name.removeprefix('node_')}"] = float(value)
+            else:
+                metrics[f"system/{role}/{name}"] = float(value)
+    return metrics, tags

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 from configs.load import dump_config
 from configs.schema import Config, TrackingConfig
@@ -57,6 +57,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# MLflow's UI opens an experiment of this kind in its model-training view (run charts, system metrics),
+# not the GenAI one (traces, evaluation runs). MLflow 3.17's UI reads the view from its sidebar switch
+# (or `?workflowType=machine_learning` in the address) before this tag; other versions go by the tag.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# The charts to look at first: copies of a few step metrics under one prefix, which the UI makes a
+# section of its own and lists first (sections are sorted by name).
+OVERVIEW = "00-overview"
+OVERVIEW_STEP_METRICS = {
+    "reward/total_mean": "reward",
+    "reward/format_mean": "format",
+    "learner/kl": "kl",
+    "time/step_s": "step_s",
+}
+OVERVIEW_EVAL_METRICS = {"srcc": "eval_srcc", "plcc": "eval_plcc"}
+
 # Tags that let a later run tell whether this run's driver is still alive.
 PID_TAG, PID_STARTED_TAG, HOST_TAG = "vqr1.driver_pid", "vqr1.driver_started", "vqr1.driver_host"
 RESUMED_FROM_TAG = "vqr1.resumed_from"
@@ -85,8 +100,13 @@ class Tracker:
             experiment_id = (
                 experiment.experiment_id
                 if experiment
-                else self.client.create_experiment(config.tracking.experiment)
+                else self.client.create_experiment(
+                    config.tracking.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             )
+            if experiment and EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.experiment_id = experiment_id
         self.ended_dead_runs = end_runs_of_dead_drivers(self.client, experiment_id)
         pid = os.getpid()
         tags = {PID_TAG: str(pid), PID_STARTED_TAG: process_start_time(pid), HOST_TAG: socket.gethostname()}
@@ -105,10 +125,21 @@ class Tracker:
             if self.client.get_run(previous_run_id).info.status == "RUNNING":
                 self.client.set_terminated(previous_run_id, status="KILLED")
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        points = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=points)
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp: float | None = None) -> None:
+        """The metrics at `step` (taken at `timestamp`, seconds since the epoch; default now), and the
+        OVERVIEW copies of those in OVERVIEW_STEP_METRICS."""
+        now = int((time.time() if timestamp is None else timestamp) * 1000)
+        overview = {
+            f"{OVERVIEW}/{OVERVIEW_STEP_METRICS[k]}": v
+            for k, v in metrics.items()
+            if k in OVERVIEW_STEP_METRICS
+        }
+        points = [Metric(key, float(value), now, step) for key, value in {**metrics, **overview}.items()]
+        for start in range(0, len(points), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=points[start : start + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
     def log_table(self, rows: list[dict], name: str) -> None:
         if rows:
@@ -134,6 +165,10 @@ class Tracker:
                 if isinstance(value, int | float) and math.isfinite(value):
                     name = metric_key(prefix, group, key) if group else metric_key(prefix, key)
                     metrics[name] = float(value)
+        for key, name in OVERVIEW_EVAL_METRICS.items():  # every evaluation on one curve
+            value = report["overall"].get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                metrics[f"{OVERVIEW}/{name}"] = float(value)
         self.log_metrics(metrics, step)
         for path in files:
             self.log_artifact(path, prefix)

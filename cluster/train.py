@@ -7,7 +7,7 @@
 evaluates again and prints the summary. Each step: a batch of images (one dataset) -> the rollout
 workers generate G completions per image -> the reward actor scores the WHOLE batch -> group advantages
 -> the learners run mu GRPO updates -> the new weights are pushed into every rollout worker -> metrics
-to MLflow and one console line. The Ray plumbing of each phase is in cluster/system.py.
+to MLflow and one console line, then every role's CPU, memory, GPU and KV-cache figures (`SystemMonitor`). The Ray plumbing of each phase is in cluster/system.py.
 
 With train.max_staleness = k >= 1 the loop keeps the batches of the next k steps generating while the
 learners train (a queue of in-flight generations, `ahead`): a batch is generated with the weights pushed
@@ -18,9 +18,12 @@ generate, then train, in turn.
 
 from __future__ import annotations
 
+import os
+import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from cluster import checkpoints
 from cluster.evaluation import SUMMARY_KEYS, evaluate
 from cluster.system import (
     Generation,
+    SystemMonitor,
     collect_generation,
     create_system,
     push_weights,
@@ -40,7 +44,7 @@ from cluster.system import (
     wait,
     weight_sync_gap,
 )
-from configs.runtime_env import apply_default_env, route_logs
+from configs.runtime_env import apply_default_env, output_to_log, route_logs
 
 
 class PhaseTimer:
@@ -60,25 +64,32 @@ def run(config) -> dict:
 
     from cluster.batches import DatasetBatchSampler, SamplerState
     from cluster.curves import plot_training_curves
+    from cluster.ray_job import ray_copy_problem
     from cluster.tracking import Tracker
+    from configs.load import ConfigError
     from iqa.splits import load_run_data
     from models.base_model import cold_start_for_run
     from vlm.factory import load_processor, resolve_model_path
     from vlm.prompts import build_prompt_text
 
+    problem = ray_copy_problem(config, Path.cwd(), os.environ)  # a `ray job submit` with relative paths
+    if problem:
+        raise ConfigError(problem)
     output_dir = Path(config.train.output_dir)
     env = {**apply_default_env(), **route_logs(output_dir / "train.log")}
-    model_path = resolve_model_path(config.model, config.data.models_cache_dir)
+    # The data first: a dataset too small for train.images_per_step stops the run before any model loads.
+    train_split, eval_split, data_report = load_run_data(config, config.train.images_per_step)
+    with output_to_log(output_dir / "train.log"):  # a model preset's first build (transformers' bars)
+        model_path = resolve_model_path(config.model, config.data.models_cache_dir)
     if config.model.cold_start is not None:
         # The format cold start re-run on the start model (models/base_model.py), built once and cached.
         model_path = cold_start_for_run(config, model_path)
     if Path(config.checkpoint.dir).resolve() in Path(model_path).resolve().parents:
         # A fresh run sets that folder's checkpoints aside, and pruning would delete them.
-        raise ValueError(
+        raise ConfigError(
             f"model.path {model_path} is inside checkpoint.dir {config.checkpoint.dir}: "
             "give this run another checkpoint.dir"
         )
-    train_split, eval_split, data_report = load_run_data(config)
     labels = {
         row["id"]: (row["mos"], row["dataset"])
         for row in train_split.select_columns(["id", "mos", "dataset"])
@@ -93,6 +104,7 @@ def run(config) -> dict:
     try:
         system = create_system(config, model_path, labels)
         tracker = Tracker(config, resume=(resume[1]["mlflow_run_id"], resume[1]["step"]) if resume else None)
+        monitor = SystemMonitor(system, tracker)  # per step, each role's CPU, memory, GPU, KV cache
         for run_id in tracker.ended_dead_runs:
             print(f"MLflow run {run_id} was left RUNNING by a driver that died: marked FAILED")
         start_step = 0
@@ -130,7 +142,9 @@ def run(config) -> dict:
         next_batch = start_step + 1 + len(ahead)
         learner_busy = deque(maxlen=config.train.max_staleness + 2)  # recent (start, end) of training
         # Steps are numbered from 1, as in the console, the errors, MLflow and the checkpoints.
+        step_seconds: list[float] = []  # wall time of each step (evaluations and checkpoints apart)
         for step in range(start_step + 1, config.train.steps + 1):
+            step_started = time.perf_counter()
             # Queue the batches up to step + k: generated with the weights pushed so far (step - 1's),
             # none trains more than k updates later.
             while next_batch <= min(config.train.steps, step + config.train.max_staleness):
@@ -138,8 +152,10 @@ def run(config) -> dict:
                 ahead.append(submit_generation(system, config, next_batch, rows))
                 next_batch += 1
             metrics = grpo_step(system, config, ahead.popleft(), prompt, tracker, learner_busy)
+            step_seconds.append(time.perf_counter() - step_started)
             history.append({"step": step, **metrics})
-            print(step_line(step, config.train.steps, metrics), flush=True)
+            print(step_line(step, config.train.steps, metrics, step_seconds), flush=True)
+            monitor.poll(step)
             # A rollout worker runs its calls in order: the evaluation's come after the batches in flight
             # and the push, so it scores the weights of this step without disturbing them.
             if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
@@ -147,6 +163,7 @@ def run(config) -> dict:
             if config.checkpoint.every and step % config.checkpoint.every == 0:
                 save_checkpoint(system, config, step, sampler, tracker, list(ahead))
 
+        monitor.flush()
         final = checkpoints.step_dir(Path(config.checkpoint.dir), config.train.steps)
         if not final.is_dir():
             final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
@@ -278,7 +295,31 @@ def sample_rows(step: int, ids: list[str], rollouts: list, rewards, limit: int =
     return rows
 
 
-def step_line(step: int, steps: int, metrics: dict) -> str:
+def time_left(step_seconds: Sequence[float], steps_left: int) -> float:
+    """Seconds the `steps_left` steps still to come take at the median step time so far (robust to the
+    slow first step)."""
+    return statistics.median(step_seconds) * steps_left if step_seconds and steps_left > 0 else 0.0
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 3m12s, 1h05m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def step_line(step: int, steps: int, metrics: dict, step_seconds: Sequence[float] = ()) -> str:
+    """The console line of a step; with the wall times of the steps so far, the time left ("eta")."""
+    eta = (
+        f" | eta {format_duration(time_left(step_seconds, steps - step))}"
+        if step_seconds and step < steps
+        else ""
+    )
     return (
         f"step {step}/{steps} | reward {metrics['reward/total_mean']:.3f} "
         f"(fidelity {metrics['reward/fidelity_mean']:.3f}, format {metrics['reward/format_mean']:.2f}) | "
@@ -288,7 +329,7 @@ def step_line(step: int, steps: int, metrics: dict) -> str:
         f"gen {metrics['time/generate_s']:.1f}s (waited {metrics['time/generate_wait_s']:.1f}s) "
         f"train {metrics['time/train_s']:.1f}s push {metrics['time/weight_push_s']:.2f}s | "
         f"stale {metrics['async/staleness_mean']:.1f} is-ess {metrics.get('offpolicy/ess', 1.0):.2f} | "
-        f"{metrics['perf/rollout_tokens_per_s']:.0f} tok/s"
+        f"{metrics['perf/rollout_tokens_per_s']:.0f} tok/s{eta}"
     )
 
 
@@ -307,12 +348,45 @@ def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -
     print(f"policy checkpoint (Hugging Face format): {checkpoint}\n{tracker.describe()}")
 
 
+def add_train_arguments(parser) -> None:
+    parser.add_argument("--config", default="cpu-default", help="a preset name in configs/ or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. learner.lr=1e-6")
+    parser.set_defaults(handler=run_train)
+
+
+def add_train_parser(subparsers) -> None:
+    """`vqr1 train` (cluster/cli.py)."""
+    add_train_arguments(subparsers.add_parser("train", help="GRPO training of a preset"))
+
+
+def run_train(args) -> int:
+    """Train the preset; a config or data error prints its one message and exits 2."""
+    import json
+
+    from configs.load import ConfigError, load_config
+    from iqa.report import BadInputError
+
+    try:
+        config = load_config(args.config, args.overrides)
+        result = run(config)
+    except (ConfigError, BadInputError) as exc:  # the message names the key, or the file, row and reason
+        print(exc, file=sys.stderr)
+        return 2
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m cluster.train ARGS` is `vqr1 train ARGS` (for `ray job submit`, where the package may
     not be installed)."""
-    from cluster.cli import main as cli_main
+    import argparse
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    apply_default_env()
+    parser = argparse.ArgumentParser(prog="python -m cluster.train", description="GRPO training of a preset")
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -49,6 +48,7 @@ from pathlib import Path
 from datasets import Dataset, Features, Value, concatenate_datasets
 from tqdm import tqdm
 
+from configs.load import ConfigError
 from configs.schema import DataConfig, DatasetSpec
 from iqa.builtin import build_builtin_benchmark, read_manifest
 from iqa.images import ImageLoadError, check_image
@@ -66,7 +66,6 @@ FEATURES = Features(
     }
 )
 MOS_RANGE = (1.0, 5.0)
-logger = logging.getLogger(__name__)
 # Decoding is mostly done in Pillow's C code, which releases the GIL: threads overlap I/O and decode.
 IMAGE_CHECK_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -656,8 +655,6 @@ def load_dataset_spec(
         raise BadInputError(f"{table.label_file}: no rows")
     kept, report = _validate(table, dataset_name, on_bad_input, check_images, progress)
     report.bad.sort(key=lambda bad: bad.row or 0)  # label checks and image checks found them in two passes
-    if report.bad:
-        logger.warning("%s", report.summary())
     if not kept:
         raise BadInputError(
             f"{table.label_file}: none of the {len(table.rows)} rows is usable\n" + "\n".join(report.lines())
@@ -682,17 +679,33 @@ def load_dataset_spec(
 
 
 def load_datasets(
-    specs: list[DatasetSpec], data: DataConfig, *, check_images: bool = True, progress: bool = True
+    specs: list[DatasetSpec],
+    data: DataConfig,
+    *,
+    check_images: bool = True,
+    progress: bool = True,
+    cache: dict[str, tuple[Dataset, BadInputReport]] | None = None,
 ) -> tuple[Dataset, BadInputReport]:
-    """Several datasets into one (each row keeps its dataset name), with one merged report."""
+    """Several datasets into one (each row keeps its dataset name), with one merged report. The caller
+    prints the report. `cache` ({spec as JSON: (dataset, report)}), shared between calls, reads a dataset
+    that both data.train and data.eval name once."""
     names = [spec.name or spec.format for spec in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"datasets {repeated} are listed twice; give each spec its own `name`")
-    loaded = [
-        load_dataset_spec(spec, data.on_bad_input, data=data, check_images=check_images, progress=progress)
-        for spec in specs
-    ]
+        raise ConfigError(f"datasets {repeated} are listed twice; give each spec its own `name`")
+
+    def load(spec: DatasetSpec) -> tuple[Dataset, BadInputReport]:
+        key = spec.model_dump_json()
+        if cache is not None and key in cache:
+            return cache[key]
+        result = load_dataset_spec(
+            spec, data.on_bad_input, data=data, check_images=check_images, progress=progress
+        )
+        if cache is not None:
+            cache[key] = result
+        return result
+
+    loaded = [load(spec) for spec in specs]
     report = loaded[0][1]
     for _, other in loaded[1:]:
         report = report.merge(other)

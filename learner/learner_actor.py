@@ -65,6 +65,12 @@ class LearnerWorker:
     def ping(self) -> int:
         return self.rank
 
+    def system_metrics(self) -> dict:
+        """This rank's CPU, memory and GPU figures since the previous call (configs.system_metrics.sample)."""
+        from configs.system_metrics import sample
+
+        return sample()
+
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it, for rank 0 to host the process group's store."""
         import ray

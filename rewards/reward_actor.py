@@ -50,6 +50,12 @@ class RewardWorker:
     def ping(self) -> bool:
         return True
 
+    def system_metrics(self) -> dict:
+        """This actor's CPU and memory figures since the previous call (configs.system_metrics.sample)."""
+        from configs.system_metrics import sample
+
+        return sample()
+
 
 def create_reward_worker(
     config: RewardConfig,

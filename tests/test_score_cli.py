@@ -80,6 +80,8 @@ def test_score_folder_reports_bad_files_and_scores_the_rest(tmp_path, capsys):
             "tiny",
             "--set",
             f"data.cache_dir={tmp_path}",
+            "--set",
+            f"train.output_dir={tmp_path / 'out'}",  # score.log
             "-n",
             "8",
             "--csv",

@@ -53,3 +53,37 @@ def test_the_layer_table_has_no_circle():
         return seen
 
     assert [p for p in ALLOWED if p in reachable(p)] == []
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The project's modules that `path` imports, lazy imports inside functions too."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # from cluster import x
+    return names & modules
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    # Within a package too: e.g. cluster/cli.py runs cluster/train.py, so train.py may not import cli.py.
+    paths = {module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")}
+    graph = {name: imported_modules(path, set(paths)) - {name} for name, path in paths.items()}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return seen
+
+    circles = sorted(name for name in graph if name in reachable(name))
+    assert not circles, "modules on an import circle:\n" + "\n".join(circles)

@@ -10,7 +10,9 @@ import sys
 import mlflow
 
 from cluster.tracking import (
+    EXPERIMENT_KIND_TAG,
     HOST_TAG,
+    OVERVIEW,
     PID_STARTED_TAG,
     PID_TAG,
     RESUMED_FROM_TAG,
@@ -59,3 +61,37 @@ def test_a_run_whose_driver_died_is_marked_failed_by_the_next_run(tmp_path):
     # A run whose driver is alive (this process) is left alone.
     assert Tracker(config).ended_dead_runs == []
     assert client.get_run(tracker.run_id).info.status == "RUNNING"
+
+
+def test_the_experiment_opens_in_the_model_training_view_with_the_overview_first(tmp_path):
+    config = tiny_config(tmp_path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    older = client.create_experiment("made-before")  # by an older version: no kind yet
+    tracker = Tracker(config)
+    assert (
+        client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    )
+    Tracker(tiny_config(tmp_path, "tracking.experiment=made-before"))
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    tracker.log_metrics({"reward/total_mean": 1.5, "learner/kl": 0.01, "learner/loss": 0.2}, step=1)
+    tracker.log_evaluation(
+        "eval_after",
+        {
+            "n_images": 8,
+            "images_all_failed": 0,
+            "sample_parse_failure_rate": 0.0,
+            "overall": {"srcc": 0.4, "plcc": 0.5},
+            "per_dataset": {"builtin": {}},
+        },
+        [],
+        step=1,
+    )
+    logged = client.get_run(tracker.run_id).data.metrics
+    assert {key: logged[key] for key in logged if key.startswith(f"{OVERVIEW}/")} == {
+        f"{OVERVIEW}/reward": 1.5,
+        f"{OVERVIEW}/kl": 0.01,
+        f"{OVERVIEW}/eval_srcc": 0.4,
+        f"{OVERVIEW}/eval_plcc": 0.5,
+    }
+    # MLflow's UI lists metric sections by name: the overview's comes before every other section.
+    assert min(key.split("/")[0] for key in logged) == OVERVIEW

@@ -75,6 +75,34 @@ def test_tiny_run_logs_every_metric_for_every_step(first_run):
     assert config.reward.out_of_range == "clip" and saved["out_of_range_rule"] == "clip"
 
 
+def test_every_role_logs_its_system_figures_every_step(first_run):
+    """The "System metrics" tab: each role's CPU and memory (the rollout worker's KV cache too) at every
+    step, the machine's once, and a tag naming each role's machine."""
+    _, config, result = first_run
+    uri, run_id = config.tracking.tracking_uri, result["mlflow_run_id"]
+    roles = ["driver", "rollout-0", "reward", "learner-0", "learner-1"]
+    for role in roles:
+        for name in ("cpu_percent", "rss_gib"):
+            steps = [m.step for m in metric_history(uri, run_id, f"system/{role}/{name}")]
+            assert steps == [1, 2, 3], f"system/{role}/{name} logged at steps {steps}"
+    # The in-process engine filled part of its KV cache while generating, and freed it after.
+    peaks = [m.value for m in metric_history(uri, run_id, "system/rollout-0/kv_cache_peak_percent")]
+    assert len(peaks) == 3 and all(0 < peak <= 100 for peak in peaks), peaks
+    run = mlflow.tracking.MlflowClient(uri).get_run(run_id)
+    host = socket.gethostname()
+    assert run.data.tags["system.learner-1.machine"].startswith(host)
+    # The machine's figures once per step (the driver's sample; the actors' of the same machine add none).
+    machine = metric_history(uri, run_id, f"system/machine-{host}/memory_used_percent")
+    assert [m.step for m in machine] == [1, 2, 3]
+    assert set(roles) == {
+        key.split("/")[1] for key in run.data.metrics if key.startswith("system/") and "machine-" not in key
+    }
+    # The overview section: the charts to look at first.
+    for name in ("reward", "format", "kl", "step_s"):
+        assert [m.step for m in metric_history(uri, run_id, f"00-overview/{name}")] == [1, 2, 3], name
+    assert [m.step for m in metric_history(uri, run_id, "00-overview/eval_srcc")] == [0, 3]
+
+
 def test_pushed_weights_equal_the_learners_after_every_step(first_run):
     _, config, result = first_run
     history = metric_history(
@@ -102,8 +130,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
-    """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards."""
+@pytest.fixture(scope="module")
+def ray_head():
+    """A local Ray head on 127.0.0.1, stopped afterwards; yields submit(args), which runs
+    `ray job submit --working-dir <project> -- ARGS` against it and returns the finished process."""
     bin_dir = Path(sys.executable).parent
     gcs_port, dashboard_port = free_port(), free_port()
     # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them.
@@ -123,6 +153,9 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # Its own port: the default (52365) is taken while another Ray runs on the machine, and the
+            # head's job agent then never starts ("No available agent").
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={ray_dir}",
         ],
         env=env,
@@ -131,10 +164,13 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
         timeout=180,
     )
     assert head.returncode == 0, head.stderr
-    try:
+
+    def submit(args: list[str]) -> subprocess.CompletedProcess:
         # Under load the head's job agent can register after `ray start` returns; Ray answers "No
-        # available agent" to a submit before that, so a few spaced attempts stand in for a readiness probe.
-        for _ in range(6):
+        # available agent" to a submit before that, so spaced attempts (up to 5 minutes, for a loaded
+        # machine) stand in for a readiness probe.
+        deadline = time.monotonic() + 300
+        while True:
             job = subprocess.run(
                 [
                     str(bin_dir / "ray"),
@@ -143,28 +179,46 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path, tiny_overrides):
                     f"--address=http://127.0.0.1:{dashboard_port}",
                     f"--working-dir={ROOT}",
                     "--",
-                    sys.executable,
-                    "-m",
-                    "cluster.train",
-                    "--config",
-                    "cpu-tiny",
-                    *tiny_overrides(tmp_path, 1),
+                    *args,
                 ],
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=900,
             )
-            if "No available agent" not in job.stdout + job.stderr:
-                break
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                return job
             time.sleep(10)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout
-        assert "step 1/1" in job.stdout
-        assert (tmp_path / "checkpoints" / "step-000001" / "manifest.json").is_file()
+
+    try:
+        yield submit
     finally:
         stop_processes_of(ray_dir)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_refuses_relative_result_paths(ray_head):
+    """The job runs in Ray's copy of the project: relative outputs, checkpoints and MLflow store would
+    land there. One message names them all and the job ends before any model loads."""
+    job = ray_head([sys.executable, "-m", "cluster.train", "--config", "cpu-tiny"])
+    output = job.stdout + job.stderr
+    assert job.returncode != 0, output[-3000:]
+    assert "Ray's temporary copy of the project" in output, output[-3000:]
+    assert "working_dir_files" in output
+    for key in ("train.output_dir=outputs/cpu-tiny", "checkpoint.dir=", "tracking.tracking_uri (unset"):
+        assert key in output
+    assert "Traceback" not in output
+
+
+def test_ray_job_submit_runs_the_tiny_job(ray_head, tmp_path, tiny_overrides):
+    """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards."""
+    job = ray_head(
+        [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *tiny_overrides(tmp_path, 1)]
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout
+    assert "step 1/1" in job.stdout
+    assert (tmp_path / "checkpoints" / "step-000001" / "manifest.json").is_file()
 
 
 def stop_processes_of(temp_dir: Path) -> None:
@@ -176,6 +230,12 @@ def stop_processes_of(temp_dir: Path) -> None:
     for process in psutil.process_iter(["cmdline"]):
         if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
             ours.append(process)
+    # The raylet's agents and workers rename themselves (ray::DashboardAgent, ...): its children too.
+    for process in list(ours):
+        try:
+            ours.extend(child for child in process.children(recursive=True) if child not in ours)
+        except psutil.NoSuchProcess:
+            pass
     for process in ours:
         process.terminate()
     _, alive = psutil.wait_procs(ours, timeout=20)
