@@ -38,7 +38,7 @@ def test_the_proof_is_make_train_run_longer_and_the_tint_check_keeps_its_measure
     assert base.learner.advantage == "mean_only" and base.learner.grad_clip == 0.03
     assert base.reward.on_parse_failure == "exclude" and base.reward.fidelity == "label_only"
     proof = load_config("proof")
-    assert proof.train.steps == 300 and proof.eval.every == 100
+    assert (proof.train.steps, proof.train.images_per_step, proof.eval.every) == (300, 16, 100)
     for section in ("model", "rollout", "learner", "reward", "cluster", "data"):
         assert getattr(proof, section) == getattr(base, section), section
     assert proof.eval.model_copy(update={"every": 0}) == base.eval
