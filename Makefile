@@ -42,11 +42,11 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run $(ARGS)
 
-# A real GRPO run of the preset (cpu-default: 30 steps, ~5 min on 2 cores), evaluated before and after.
+# A real GRPO run of the preset (cpu-default: 200 steps, 10-16 min on 2 cores), evaluated before and after.
 train: setup
 	$(VQR1) train --config $(PRESET) $(ARGS)
 
-# The learning proof: the `proof` preset (300 steps, ~20 min a run), seed 0 (SEEDS="0 1 2" for more).
+# The learning proof: the `proof` preset (300 steps, 16-25 min a run), seed 0 (SEEDS="0 1 2" for more).
 proof: setup
 	$(VQR1) proof --config proof --seeds $(SEEDS) $(ARGS)
 

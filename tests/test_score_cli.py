@@ -121,7 +121,7 @@ def test_without_model_it_scores_with_the_runs_newest_checkpoint_or_says_it_is_u
     config = load_config("cpu-default", [f"checkpoint.dir={tmp_path / 'checkpoints'}"])
     args = parse(["score", "x.png"])
     path, which = scoring_model(config, args)
-    assert path.name == "vqr1-small-cold-start" and "UNTRAINED" in which and "make train" in which
+    assert path.name == "vqr1-small-whole" and "UNTRAINED" in which and "make train" in which
     for step in (10, 20):
         staging = checkpoints.staging_dir(tmp_path / "checkpoints", step)
         staging.mkdir(parents=True)
