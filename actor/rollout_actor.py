@@ -1,16 +1,41 @@
-"""The Ray actor that hosts one RolloutEngine; every method only delegates to the engine."""
+"""The Ray actor that hosts one RolloutEngine; every method only delegates to the engine.
+
+A replacement worker (one started in the bundle of a worker that died) first waits, up to a deadline,
+for its device's memory to be released by the dead engine (`wait_for_device_memory`), and samples from
+a seed of its own (`engine_seed` of its restart count), not the dead worker's stream.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from configs.schema import ModelConfig, PlacementConfig, RolloutConfig
 
+log = logging.getLogger("vqr1.rollout")
+
+# A replacement's wait for the dead engine's device memory counts as released within this margin of
+# the free memory its predecessor saw before starting its engine (allocator slack, other processes).
+MEMORY_RELEASE_MARGIN = 0.05
+
 
 class RolloutWorker:
-    def __init__(self, model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        free_bytes_to_wait_for: int | None = None,
+        memory_release_deadline_s: float = 0.0,
+    ) -> None:
+        """free_bytes_to_wait_for: a replacement's predecessor's free device memory before its engine
+        started; the engine starts once the device has about that much free again, or after
+        memory_release_deadline_s seconds (vLLM then checks the memory itself)."""
         # A Ray worker is a fresh process: offline/loopback settings must precede the vLLM import.
         from configs.runtime_env import apply_default_env, pin_from_env, route_logs_from_env
 
@@ -21,11 +46,29 @@ class RolloutWorker:
         from vlm.weight_sync import require_own_gpu
 
         require_own_gpu()
-
+        if free_bytes_to_wait_for is not None:
+            released, seconds = wait_for_device_memory(
+                free_bytes_to_wait_for, memory_release_deadline_s, device_free_bytes
+            )
+            if not released:
+                log.warning(
+                    "the device's memory was not back to %.1f GiB free within %.0f s; starting the engine anyway",
+                    free_bytes_to_wait_for / (1 << 30),
+                    seconds,
+                )
+        self.free_bytes_at_start = device_free_bytes()
+        self.seed = rollout_cfg.seed
         self.engine = RolloutEngine(model_path, model_cfg, rollout_cfg)
 
     def ping(self) -> str:
+        """ "pong" while the worker and its engine live; a dead engine-core process raises vLLM's
+        EngineDeadError."""
+        self.engine.check_alive()
         return "pong"
+
+    def start_figures(self) -> dict:
+        """The engine's seed and the device's free memory before the engine started (None on CPUs)."""
+        return {"seed": self.seed, "free_bytes": self.free_bytes_at_start}
 
     def system_metrics(self) -> dict:
         """This worker's CPU, memory, GPU and KV-cache figures since the previous call
@@ -88,14 +131,68 @@ class RolloutWorker:
         self.engine.shutdown_weight_transfer()
 
 
-def engine_seed(run_seed: int, worker_index: int) -> int:
-    """The sampling seed of rollout worker `worker_index`'s engine: engines seeded alike would draw the
-    same samples for the same image. Worker 0 keeps the run seed, so one-worker runs (every CPU preset)
-    draw as before; the others get a SeedSequence draw of (run seed, index): run_seed + index would give
-    worker 1 of run seed 0 the stream of worker 0 of run seed 1."""
+def engine_seed(run_seed: int, worker_index: int, restart: int = 0) -> int:
+    """The sampling seed of rollout worker `worker_index`'s engine after `restart` replacements of that
+    worker: engines seeded alike would draw the same samples for the same image. Worker 0 keeps the run
+    seed, so one-worker runs (every CPU preset) draw as before; the others get a SeedSequence draw of
+    (run seed, index): run_seed + index would give worker 1 of run seed 0 the stream of worker 0 of run
+    seed 1. A replacement draws from (run seed, index, restart), so it does not replay the stream of the
+    worker it replaces (which sampled the lost batch)."""
+    if restart:
+        return int(np.random.SeedSequence([run_seed, worker_index, restart]).generate_state(1)[0])
     if worker_index == 0:
         return run_seed
     return int(np.random.SeedSequence([run_seed, worker_index]).generate_state(1)[0])
+
+
+def device_free_bytes() -> int | None:
+    """Free memory of this process's GPU (the first of CUDA_VISIBLE_DEVICES) by NVML, which does not
+    open a CUDA context here (one would hold memory beside a multiprocess engine's); None without a GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if not visible:
+        return None
+    try:
+        from vllm.third_party import pynvml
+    except ImportError:  # pragma: no cover - vLLM ships it
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            if visible.isdigit():
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+
+
+def wait_for_device_memory(
+    target_free_bytes: int | None,
+    deadline_s: float,
+    read_free_bytes: Callable[[], int | None],
+    *,
+    margin: float = MEMORY_RELEASE_MARGIN,
+    poll_s: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[bool, float]:
+    """Poll read_free_bytes() until it is back within `margin` of target_free_bytes (the free memory the
+    dead worker saw before its engine started), at most deadline_s seconds. Returns (released, seconds
+    waited). Nothing to wait for (no target, or a reader without a device: None) is (True, 0)."""
+    if target_free_bytes is None:
+        return True, 0.0
+    started = clock()
+    while True:
+        free = read_free_bytes()
+        if free is None or free >= (1.0 - margin) * target_free_bytes:
+            return True, clock() - started
+        waited = clock() - started
+        if waited >= deadline_s:
+            return False, waited
+        sleep(min(poll_s, deadline_s - waited))
 
 
 def create_rollout_worker(
@@ -104,10 +201,14 @@ def create_rollout_worker(
     rollout_cfg: RolloutConfig,
     placement: PlacementConfig,
     worker_index: int = 0,
+    restart: int = 0,
+    free_bytes_to_wait_for: int | None = None,
+    memory_release_deadline_s: float = 0.0,
     **ray_options,
 ):
-    """Start rollout worker `worker_index` (its engine seeded by `engine_seed`) with the placement's
-    CPUs/GPUs; returns its handle (Ray must be initialised).
+    """Start rollout worker `worker_index` (its engine seeded by `engine_seed` of its `restart` count)
+    with the placement's CPUs/GPUs; returns its handle (Ray must be initialised). A replacement passes
+    its predecessor's free device memory and a deadline to wait for it (RolloutWorker).
 
     `ray_options` go to `.options()` as they are (scheduling_strategy, max_restarts, name, ...).
     """
@@ -121,5 +222,7 @@ def create_rollout_worker(
     actor_class = ray.remote(RolloutWorker).options(
         num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, **ray_options
     )
-    seeded = rollout_cfg.model_copy(update={"seed": engine_seed(rollout_cfg.seed, worker_index)})
-    return actor_class.remote(str(model_path), model_cfg, seeded)
+    seeded = rollout_cfg.model_copy(update={"seed": engine_seed(rollout_cfg.seed, worker_index, restart)})
+    return actor_class.remote(
+        str(model_path), model_cfg, seeded, free_bytes_to_wait_for, memory_release_deadline_s
+    )

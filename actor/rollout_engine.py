@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,31 @@ def _note_peak_kv_cache_usage(llm):
     return scheduler, peak
 
 
+def watch_engine_core(client, stop: threading.Event, interval_s: float = 0.5) -> bool:
+    """Until `stop` is set, watch a multiprocess engine's client (vLLM's SyncMPClient) for its
+    engine-core process dying; returns True once it did, after failing what waited on it.
+
+    vLLM's own monitor marks the client dead (resources.engine_dead) and shuts it down when the
+    process exits, but a generate or collective_rpc already waiting on the process's answer waits on:
+    the output thread stops without a word. So the waiters are woken here with vLLM's EngineDeadError
+    (the output queue gets one, every pending utility call fails with one), which reaches the driver as a
+    RayTaskError, and the driver replaces the worker (cluster.system.is_dead_worker_error). A stop (an
+    orderly shutdown) returns False without touching anything.
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    while not stop.wait(interval_s):
+        if client.resources.engine_dead:
+            break
+    else:
+        return False
+    client.outputs_queue.put_nowait(EngineDeadError())
+    for future in list(client.utility_results.values()):
+        if not future.done():
+            future.set_exception(EngineDeadError())
+    return True
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -244,6 +270,22 @@ class RolloutEngine:
             **memory,
         )
         self._kv_cache_peak = _note_peak_kv_cache_usage(self.llm)
+        self._stop_watching = threading.Event()
+        client = self.llm.llm_engine.engine_core
+        if hasattr(client, "outputs_queue") and hasattr(client, "resources"):  # the multiprocess engine
+            threading.Thread(
+                target=watch_engine_core,
+                args=(client, self._stop_watching),
+                name="vqr1-engine-core-watch",
+                daemon=True,
+            ).start()
+
+    def check_alive(self) -> None:
+        """Raise vLLM's EngineDeadError when the engine-core process has died (the multiprocess engine;
+        the in-process one dies with this process)."""
+        ensure_alive = getattr(self.llm.llm_engine.engine_core, "ensure_alive", None)
+        if ensure_alive is not None:
+            ensure_alive()
 
     def kv_cache_figures(self) -> dict[str, float]:
         """The share of the KV cache in use now and at its fullest since the previous call, in percent;
@@ -383,6 +425,7 @@ class RolloutEngine:
 
     def shutdown(self) -> None:
         """Stop the engine (and its engine-core process, if any) now rather than at garbage collection."""
+        self._stop_watching.set()
         self.llm.llm_engine.engine_core.shutdown()
 
     # --- weights ---------------------------------------------------------------------------------

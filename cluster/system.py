@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,16 @@ class System:
     reward: object
     learners: list
     placement_group: object
-    # make_rollout_worker(i) creates rollout worker i in its bundle (to replace a dead one).
-    make_rollout_worker: Callable[[int], object]
+    # make_rollout_worker(i, restart=0, free_bytes=None) creates rollout worker i in its bundle; a
+    # replacement (restart >= 1) gets a seed of its own and first waits for free_bytes of device memory.
+    make_rollout_worker: Callable[..., object]
     rollout_restarts: int = 0
+    # Per rollout worker: its engine's seed and its device's free memory before its engine started
+    # (None on CPUs), as the first workers report them once started (`RolloutWorker.start_figures`).
+    rollout_start_figures: list[dict] = field(default_factory=list)
+    # One entry per replaced rollout worker: step, phase, worker, restart (of that worker), seed, cause.
+    replacements: list[dict] = field(default_factory=list)
+    logged_replacements: int = 0  # how many of them are in MLflow (cluster.train.log_replacements)
     # The learners' weights: the number of the step whose update made them (0: the start model).
     policy_version: int = 0
     # Batches generated again because their rollout worker died with them in flight.
@@ -52,9 +59,33 @@ class RemoteCallError(RuntimeError):
     """A remote call that failed or timed out, naming the actor, the phase and the step."""
 
 
+def is_engine_dead_error(exc: BaseException | None) -> bool:
+    """Whether exc is, carries or was caused by vLLM's EngineDeadError (its engine-core process died):
+    raised in a rollout worker, it reaches the driver as a RayTaskError that is also an EngineDeadError
+    (or, where the cause could not be rebuilt, names it in its traceback). Judged by class name, so the
+    driver need not import vLLM."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(cls.__name__ == "EngineDeadError" for cls in type(exc).__mro__):
+            return True
+        if "EngineDeadError" in (getattr(exc, "traceback_str", None) or ""):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def is_dead_worker_error(exc: BaseException | None) -> bool:
+    """A rollout worker to replace: its actor died (RayActorError) or its vLLM engine did."""
+    import ray
+
+    return isinstance(exc, ray.exceptions.RayActorError) or is_engine_dead_error(exc)
+
+
 def wait(refs, config, phase: str, step: int, actor: str):
     """ray.get(refs) within cluster.call_timeout_s. A call whose actor died raises at once, while the
-    others still run (a learner rank blocked in a collective with the dead peer does not hold the run)."""
+    others still run (a learner rank blocked in a collective with the dead peer does not hold the run).
+    So does a call whose vLLM engine died inside a live actor (`is_engine_dead_error`)."""
     import ray
 
     try:
@@ -66,6 +97,10 @@ def wait(refs, config, phase: str, step: int, actor: str):
         ) from exc
     except ray.exceptions.RayActorError as exc:
         raise RemoteCallError(f"step {step}, phase {phase}: {actor} died: {exc}") from exc
+    except ray.exceptions.RayTaskError as exc:
+        if not is_engine_dead_error(exc):
+            raise
+        raise RemoteCallError(f"step {step}, phase {phase}: {actor}: vLLM engine died") from exc
 
 
 def start_ray(config, env_vars: dict[str, str]) -> None:
@@ -162,7 +197,7 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
     cluster = config.cluster
     placement = reserve_placement(config)
 
-    def make_rollout_worker(index: int):
+    def make_rollout_worker(index: int, restart: int = 0, free_bytes: int | None = None):
         strategy = PlacementGroupSchedulingStrategy(placement["rollout"], placement_group_bundle_index=index)
         return create_rollout_worker(
             model_path,
@@ -170,6 +205,9 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
             config.rollout,
             cluster.rollout,
             worker_index=index,
+            restart=restart,
+            free_bytes_to_wait_for=free_bytes,
+            memory_release_deadline_s=memory_release_deadline_s(config),
             scheduling_strategy=strategy,
         )
 
@@ -188,6 +226,15 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
         timeout_s=cluster.call_timeout_s,
     )
     system = System(rollout_workers, reward, learners, placement, make_rollout_worker)
+    # Asked once the learners are up (the engines started meanwhile): a replacement waits for its
+    # predecessor's free device memory.
+    system.rollout_start_figures = wait(
+        [worker.start_figures.remote() for worker in rollout_workers],
+        config,
+        "start-up",
+        0,
+        "rollout workers",
+    )
     if cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step=0)
     return system
@@ -262,14 +309,13 @@ def collect_generation(system: System, config, generation: Generation, oldest_ve
     replaced (loaded with the learners' current weights, `replace_dead_rollout_workers`) and the batch is
     generated again, up to cluster.max_worker_restarts times; so is a batch sampled with weights older
     than `oldest_version` (one restored from a checkpoint of a run with a larger train.max_staleness)."""
-    import ray
 
     while True:
         if generation.rollouts is None:
             try:
                 per_worker = wait(generation.refs, config, "generate", generation.step, "rollout workers")
             except RemoteCallError as exc:
-                if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+                if not is_dead_worker_error(exc.__cause__):
                     raise
                 # A worker found dead by an earlier call (a weight push) is replaced already.
                 if all(worker in system.rollout_workers for worker in generation.workers):
@@ -294,16 +340,32 @@ def generate(system: System, config, images: list[bytes], step: int) -> list:
     return collect_generation(system, config, generation)
 
 
+def memory_release_deadline_s(config) -> float:
+    """How long a replacement rollout worker waits for its predecessor's device memory to be released:
+    a quarter of cluster.call_timeout_s, at most 2 minutes (its start-up must fit in one call)."""
+    return min(120.0, config.cluster.call_timeout_s / 4)
+
+
 def replace_dead_rollout_workers(
     system: System, config, step: int, cause: Exception, phase: str = "generate"
 ) -> None:
+    """Find the rollout workers whose actor or vLLM engine died (a ping fails or times out), kill each
+    one and start a replacement in its bundle: after its predecessor's device memory is free again, with
+    a seed of its own (`actor.rollout_actor.engine_seed` of its restart count, recorded in
+    system.replacements), loaded with the learners' current weights."""
     import ray
+
+    from actor.rollout_actor import engine_seed
 
     dead = []
     for index, worker in enumerate(system.rollout_workers):
         try:
             ray.get(worker.ping.remote(), timeout=config.cluster.call_timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            dead.append(index)
+        except ray.exceptions.RayTaskError as exc:
+            if not is_engine_dead_error(exc):
+                raise
             dead.append(index)
     if not dead:
         raise cause
@@ -313,10 +375,25 @@ def replace_dead_rollout_workers(
             f"cluster.max_worker_restarts={config.cluster.max_worker_restarts} restarts of this run are used up"
         ) from cause
     for index in dead:
-        log.warning("step %d: rollout worker %d died (%s); starting a replacement", step, index, cause)
+        restart = 1 + sum(event["worker"] == index for event in system.replacements)
+        seed = engine_seed(config.rollout.seed, index, restart)
+        what = "its vLLM engine died" if is_engine_dead_error(cause) else "it died"
+        log.warning(
+            "step %d, phase %s: rollout worker %d: %s (%s); starting a replacement with seed %d",
+            step,
+            phase,
+            index,
+            what,
+            cause,
+            seed,
+        )
         ray.kill(system.rollout_workers[index], no_restart=True)
-        system.rollout_workers[index] = system.make_rollout_worker(index)
+        figures = system.rollout_start_figures[index] if index < len(system.rollout_start_figures) else {}
+        system.rollout_workers[index] = system.make_rollout_worker(index, restart, figures.get("free_bytes"))
         system.rollout_restarts += 1
+        system.replacements.append(
+            {"step": step, "phase": phase, "worker": index, "restart": restart, "seed": seed, "cause": what}
+        )
     if config.cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step)  # a new group, with the replacements in it
     # The replacement starts from the initial weights: load the learners' current ones.
@@ -361,7 +438,6 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
     (`workers`, default all; over NCCL always all) and name its version there (system.policy_version),
     which every completion they sample from then on carries. A worker still generating loads it once
     that call is done: a worker runs its calls in order, so a push never lands inside a generation."""
-    import ray
 
     version = system.policy_version
     if config.cluster.resolved_weight_transport == "nccl":
@@ -395,7 +471,7 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
             "rollout workers",
         )
     except RemoteCallError as exc:
-        if not isinstance(exc.__cause__, ray.exceptions.RayActorError):
+        if not is_dead_worker_error(exc.__cause__):
             raise
         # A worker that died here is replaced, and the replacement is loaded with these same weights.
         replace_dead_rollout_workers(system, config, step, exc, phase="weight push")

@@ -253,10 +253,29 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
             system, config, generation.images[0], prompt, step
         )
     tracker.log_metrics(metrics, step=step)
+    log_replacements(system, tracker)
     checkpoints.log_trained_images(config.train.output_dir, step, ids, versions)
     if (step - 1) % config.tracking.sample_table_every == 0:
         tracker.log_table(sample_rows(step, ids, rollouts, rewards), f"samples/step-{step:06d}.json")
     return metrics
+
+
+def log_replacements(system, tracker) -> None:
+    """Each rollout-worker replacement not logged yet as the MLflow tag `events.rollout_replacement.<n>`
+    (its step, phase, worker, restart, seed and cause, as JSON), and the worker's seed now as
+    `rollout.worker_<i>.seed`."""
+    import json
+
+    for number, event in enumerate(system.replacements, start=1):
+        if number <= system.logged_replacements:
+            continue
+        tracker.set_tags(
+            {
+                f"events.rollout_replacement.{number}": json.dumps(event, sort_keys=True),
+                f"rollout.worker_{event['worker']}.seed": str(event["seed"]),
+            }
+        )
+    system.logged_replacements = len(system.replacements)
 
 
 def overlap_seconds(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> float:

@@ -5,12 +5,16 @@ operations inside (ZeRO reductions and gathers, metric reductions) need every ra
 methods stay thin: model code is in `learner.policy`, the loss in `learner.grpo`, the DeepSpeed config
 in `learner.deepspeed_config`.
 
-On the CPU the group runs over gloo (bound to loopback on a single node); on GPUs over NCCL, with each
-actor seeing the one GPU Ray gave it (so LOCAL_RANK is 0 in every actor).
+On the CPU the group runs over gloo; on GPUs over NCCL, with each actor seeing the one GPU Ray gave it
+(so LOCAL_RANK is 0 in every actor). On a single node on loopback (cluster.host 127.0.0.1) the group
+rendezvous on loopback only: rank 0's store listens on 127.0.0.1 and gloo uses the loopback interface
+(`init_process_group`). The group, and so every collective in it, times out after
+cluster.call_timeout_s, not torch's 10-minute default.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import time
@@ -46,6 +50,62 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in LOOPBACK_HOSTS
+
+
+def init_process_group(
+    backend: str, rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float | None
+) -> None:
+    """Open this process's torch.distributed group (rank 0 hosts its store at master_addr:master_port)
+    with a timeout of timeout_s seconds for its rendezvous and its collectives (None: torch's default).
+
+    On loopback the store is a TCPStore whose server listens on a socket bound to master_addr (torch's own
+    binds every interface, whatever host it is given), and gloo is told to use the loopback interface;
+    otherwise DeepSpeed opens the group from the environment (env://), on the node's address.
+    """
+    from datetime import timedelta
+
+    import deepspeed
+    from deepspeed.constants import default_pg_timeout
+
+    timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
+    if is_loopback(master_addr):
+        # gloo otherwise picks the interface its hostname resolves to, which may not be loopback.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        listen_fd = None
+        if rank == 0:
+            listener = socket.create_server((master_addr, master_port), family=_family(master_addr))
+            listen_fd = listener.detach()  # the store's server owns (and closes) it from here
+        store = torch.distributed.TCPStore(
+            master_addr,
+            master_port,
+            world_size=world_size,
+            is_master=rank == 0,
+            timeout=timeout,
+            master_listen_fd=listen_fd,
+            use_libuv=True,
+        )
+        options = {}
+        if backend == "nccl" and world_size > 1:
+            options["device_id"] = torch.device("cuda", 0)  # as DeepSpeed binds it (LOCAL_RANK 0)
+        torch.distributed.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **options
+        )
+    # With the group open already, DeepSpeed only wraps it.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
 
 
 class LearnerWorker:
@@ -89,12 +149,14 @@ class LearnerWorker:
         master_addr: str,
         master_port: int,
         temperature: float = 1.0,
+        timeout_s: float | None = None,
     ) -> dict:
         """Join the process group, load the policy (and the frozen reference when beta > 0) under DeepSpeed.
 
         train_batch_size: completions per rollout batch over all ranks; total_steps: rollout steps of
         the run (for the LR schedule); temperature: the rollout's sampling temperature (log-probs are
-        those of the distribution it samples from).
+        those of the distribution it samples from); timeout_s: the group's timeout, its collectives'
+        included (cluster.call_timeout_s; None: torch's 10 minutes).
         """
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -103,15 +165,17 @@ class LearnerWorker:
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK="0",
         )
-        if master_addr in LOOPBACK_HOSTS:
-            # gloo otherwise picks the interface its hostname resolves to, which may not be loopback.
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         require_own_gpu()  # before NCCL: two ranks on one GPU fail late and obscurely
-        deepspeed.init_distributed(
-            dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
+        init_process_group(
+            get_accelerator().communication_backend_name(),
+            self.rank,
+            self.world_size,
+            master_addr,
+            master_port,
+            timeout_s,
         )
         self.learner = learner
         self.temperature = temperature
@@ -154,6 +218,7 @@ class LearnerWorker:
             "partitioned_at_load": partitioned_at_load,
             "micro_batch_size": self.config["train_micro_batch_size_per_gpu"],
             "micro_batches_per_step": self.config["gradient_accumulation_steps"],
+            "process_group_timeout_s": process_group_timeout_s(),
         }
 
     def train_step(
@@ -469,6 +534,13 @@ class _MetricTotals:
         return {f"offpolicy/{key}": value for key, value in off_policy_metrics(reduced).items()}
 
 
+def process_group_timeout_s() -> float:
+    """The timeout of this process's default torch.distributed group, in seconds."""
+    group = torch.distributed.distributed_c10d._get_default_group()
+    device = torch.device("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    return group._get_backend(device).options._timeout.total_seconds()
+
+
 def _numel(param) -> int:
     # ZeRO-3 replaces parameters by empty placeholders; ds_numel keeps the full size.
     return getattr(param, "ds_numel", param.numel())
@@ -550,6 +622,7 @@ def create_learner_group(
                 master_addr=master_addr,
                 master_port=master_port,
                 temperature=temperature,
+                timeout_s=timeout_s,
             )
             for worker in workers
         ],

@@ -248,8 +248,18 @@ def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fa
         return {"gpus": [str(i) for i in ray.get_gpu_ids()], "node": ray.get_runtime_context().get_node_id()}
 
     class RolloutStandIn:  # the real actor's constructor signature; no vLLM
-        def __init__(self, model_path, model_cfg, rollout_cfg) -> None:
+        def __init__(
+            self,
+            model_path,
+            model_cfg,
+            rollout_cfg,
+            free_bytes_to_wait_for=None,
+            memory_release_deadline_s=0.0,
+        ) -> None:
             self.seed = rollout_cfg.seed
+
+        def start_figures(self) -> dict:
+            return {"seed": self.seed, "free_bytes": None}
 
         def report(self) -> dict:
             return {**where(), "seed": self.seed}

@@ -75,6 +75,25 @@ def run_driver(overrides: list[str], inject=None, timeout_s: float = 900) -> tup
     return process.returncode, "".join(lines), killed
 
 
+def kill_engine_cores_of(pid: int) -> list[int]:
+    """SIGKILL the vLLM engine-core processes (rollout.in_process_engine=false) under the rollout workers
+    of the run `pid`, leaving the workers' own processes alive."""
+    import psutil
+
+    killed = []
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            if not any("RolloutWorker" in part for part in process.cmdline()):
+                continue
+            for child in process.children(recursive=True):
+                if "EngineCore" in child.name() or any("EngineCore" in part for part in child.cmdline()):
+                    child.kill()
+                    killed.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return killed
+
+
 def kill_rollout_worker_after_step_1(pid: int, lines: list[str]) -> list[int]:
     return kill_actors_of(pid, "RolloutWorker") if any(line.startswith("step 1/3") for line in lines) else []
 
@@ -166,6 +185,49 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_
     regenerated = client.get_metric_history(result["mlflow_run_id"], "events/regenerated_batches")
     assert [m.value for m in regenerated][-1] == 1
     assert log[2]["weight_versions"] == [2] * len(log[2]["image_ids"])
+
+
+@pytest.mark.slow
+def test_killed_vllm_engine_process_gets_its_worker_replaced_and_the_run_completes(tmp_path, tiny_overrides):
+    """With vLLM's multiprocess engine, SIGKILL the rollout worker's EngineCore process (its Ray actor
+    lives on) after step 1 at train.max_staleness=1, while it generates step 3's batch: vLLM's
+    EngineDeadError reaches the driver, which kills the worker, starts a replacement with a seed of its
+    own (recorded in MLflow), loads the current weights into it and generates the lost batch again."""
+    from actor.rollout_actor import engine_seed
+
+    def kill_engine_after_step_1(pid, lines):
+        return kill_engine_cores_of(pid) if any(line.startswith("step 1/3") for line in lines) else []
+
+    overrides = tiny_overrides(
+        tmp_path,
+        3,
+        "eval.max_images=4",
+        "train.max_staleness=1",
+        "rollout.max_new_tokens=200",
+        "rollout.in_process_engine=false",
+    )
+    code, output, killed = run_driver(overrides, kill_engine_after_step_1)
+    assert killed, "no EngineCore process was found to kill\n" + output[-3000:]
+    assert code == 0, output[-4000:]
+    assert "step 3/3" in output
+    log = read_trained_images(tmp_path / "out")
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert all(0 <= entry["step"] - 1 - v <= 1 for entry in log for v in entry["weight_versions"])
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    restarts = [
+        m.value for m in client.get_metric_history(result["mlflow_run_id"], "events/rollout_worker_restarts")
+    ]
+    assert restarts[0] == 0 and restarts[-1] == 1, restarts
+    regenerated = client.get_metric_history(result["mlflow_run_id"], "events/regenerated_batches")
+    assert [m.value for m in regenerated][-1] == 1
+    tags = client.get_run(result["mlflow_run_id"]).data.tags
+    event = json.loads(tags["events.rollout_replacement.1"])
+    config = load_config("cpu-tiny", overrides)
+    seed = engine_seed(config.rollout.seed, 0, 1)
+    assert event["worker"] == 0 and event["restart"] == 1 and event["cause"] == "its vLLM engine died", event
+    assert event["seed"] == seed != config.rollout.seed and tags["rollout.worker_0.seed"] == str(seed)
+    assert "events.rollout_replacement.2" not in tags
 
 
 @pytest.mark.slow

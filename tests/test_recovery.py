@@ -1,0 +1,189 @@
+"""The pieces of recovery that need no running system: how a dead vLLM engine is recognised and
+surfaced, a replacement's wait for device memory and its seed, the learners' process group on loopback
+with cluster.call_timeout_s as its timeout. The end-to-end cases are in tests/test_reliability.py."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+
+from actor.rollout_actor import engine_seed, wait_for_device_memory
+from cluster.system import RemoteCallError, is_dead_worker_error, is_engine_dead_error, wait
+from configs.load import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+
+# --- a replacement's wait for the dead engine's device memory ------------------------------------------
+
+
+class FakeDevice:
+    """Free memory that comes back in steps as seconds pass on a fake clock."""
+
+    def __init__(self, readings: list[int | None]) -> None:
+        self.readings = readings
+        self.now = 0.0
+        self.polls = 0
+
+    def read(self) -> int | None:
+        self.polls += 1
+        return self.readings[min(self.polls - 1, len(self.readings) - 1)]
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_on(device: FakeDevice, target: int | None, deadline_s: float) -> tuple[bool, float]:
+    return wait_for_device_memory(
+        target, deadline_s, device.read, poll_s=1.0, clock=lambda: device.now, sleep=device.sleep
+    )
+
+
+def test_a_replacement_starts_once_its_predecessors_memory_is_back():
+    # 70 GiB free before the dead engine started; its process takes three seconds to leave the GPU.
+    device = FakeDevice([10 * GIB, 10 * GIB, 40 * GIB, 69 * GIB])
+    assert wait_on(device, 70 * GIB, deadline_s=60) == (True, 3.0)  # 69 is within the 5 % margin
+    assert device.polls == 4
+
+
+def test_the_wait_ends_at_its_deadline_when_the_memory_never_comes_back():
+    device = FakeDevice([10 * GIB])
+    assert wait_on(device, 70 * GIB, deadline_s=5.5) == (False, 5.5)
+    assert device.polls == 7  # at 0, 1, ..., 5 and at the deadline itself
+
+
+@pytest.mark.parametrize(("target", "readings"), [(None, [GIB]), (70 * GIB, [None])])
+def test_without_a_device_or_a_predecessor_there_is_nothing_to_wait_for(target, readings):
+    device = FakeDevice(readings)
+    assert wait_on(device, target, deadline_s=60) == (True, 0.0)
+    assert device.now == 0.0
+
+
+# --- a replacement's seed -----------------------------------------------------------------------------
+
+
+def test_a_replacement_draws_from_a_seed_of_its_own():
+    first = {engine_seed(7, index) for index in range(8)}
+    replacements = [engine_seed(7, index, restart) for index in range(8) for restart in (1, 2, 3)]
+    assert engine_seed(7, 0, 0) == 7 and engine_seed(7, 3, 0) == engine_seed(7, 3)  # restart 0 as before
+    assert len(set(replacements)) == len(replacements)  # every worker and restart apart
+    assert not first & set(replacements)  # none replays a first engine's stream, the dead one's included
+    assert replacements == [engine_seed(7, index, restart) for index in range(8) for restart in (1, 2, 3)]
+    assert not set(replacements) & {engine_seed(8, i, r) for i in range(8) for r in (1, 2, 3)}
+
+
+# --- a dead engine -----------------------------------------------------------------------------------
+
+
+def remote_error(cause: BaseException):
+    """What ray.get raises for a task that raised `cause` in an actor."""
+    error = ray.exceptions.RayTaskError("RolloutWorker.generate", f"Traceback ...\n{cause!r}", cause)
+    return error.as_instanceof_cause()
+
+
+def test_a_dead_engine_is_recognised_through_ray_and_a_dead_worker_is_either_kind():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    dead = remote_error(EngineDeadError())
+    assert isinstance(dead, ray.exceptions.RayTaskError)
+    assert is_engine_dead_error(dead) and is_dead_worker_error(dead)
+    wrapped = RuntimeError("generate failed")
+    wrapped.__cause__ = EngineDeadError()
+    assert is_engine_dead_error(remote_error(wrapped))
+    assert is_dead_worker_error(ray.exceptions.RayActorError())
+    for other in (remote_error(ValueError("bad image")), RuntimeError("x"), None):
+        assert not is_engine_dead_error(other) and not is_dead_worker_error(other)
+
+
+def test_wait_turns_a_dead_engine_into_a_named_error_and_lets_other_task_errors_through(monkeypatch):
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    config = load_config("cpu-tiny")
+    errors = iter([remote_error(EngineDeadError()), remote_error(ValueError("bad image"))])
+
+    def failing_get(refs, timeout=None):
+        raise next(errors)
+
+    monkeypatch.setattr(ray, "get", failing_get)
+    with pytest.raises(
+        RemoteCallError, match=r"step 5, phase generate: rollout workers: vLLM engine died"
+    ) as info:
+        wait([], config, "generate", 5, "rollout workers")
+    assert is_dead_worker_error(info.value.__cause__)  # what collect_generation replaces workers on
+    with pytest.raises(ValueError, match="bad image"):
+        wait([], config, "generate", 5, "rollout workers")
+
+
+def fake_engine_client() -> SimpleNamespace:
+    """The parts of vLLM's SyncMPClient that the watch uses."""
+    return SimpleNamespace(
+        resources=SimpleNamespace(engine_dead=False),
+        outputs_queue=queue.Queue(),
+        utility_results={7: Future()},
+    )
+
+
+def test_a_dead_engine_core_wakes_a_waiting_generate_and_weight_push_with_engine_dead_error():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from actor.rollout_engine import watch_engine_core
+
+    client, stop, result = fake_engine_client(), threading.Event(), []
+    watcher = threading.Thread(target=lambda: result.append(watch_engine_core(client, stop, interval_s=0.01)))
+    watcher.start()
+    client.resources.engine_dead = True  # what vLLM's monitor sets when the process exits
+    watcher.join(timeout=10)
+    assert result == [True]
+    assert isinstance(client.outputs_queue.get_nowait(), EngineDeadError)  # generate's get_output raises it
+    with pytest.raises(EngineDeadError):
+        client.utility_results[7].result(timeout=0)  # a collective_rpc (weight push) in flight
+
+
+def test_an_orderly_shutdown_is_not_reported_as_a_death():
+    from actor.rollout_engine import watch_engine_core
+
+    client, stop = fake_engine_client(), threading.Event()
+    stop.set()
+    client.resources.engine_dead = True  # vLLM's shutdown marks it too
+    assert watch_engine_core(client, stop, interval_s=0.01) is False
+    assert client.outputs_queue.empty() and not client.utility_results[7].done()
+
+
+# --- the learners' process group ---------------------------------------------------------------------
+
+ONE_RANK_GROUP = """
+from configs.runtime_env import apply_default_env
+apply_default_env()
+import psutil, torch
+from learner.learner_actor import free_port, init_process_group, process_group_timeout_s
+init_process_group("gloo", 0, 1, "127.0.0.1", free_port("127.0.0.1"), 42.0)
+values = torch.ones(2)
+torch.distributed.all_reduce(values)
+listening = sorted(
+    c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN
+)
+print("RESULT", process_group_timeout_s(), ",".join(listening))
+"""
+
+
+@pytest.mark.slow
+def test_the_learner_group_listens_on_loopback_only_and_times_out_after_call_timeout_s():
+    """One gloo rank through the learners' own opening: its store and gloo listen on 127.0.0.1 (torch's
+    env:// store would listen on every interface), and the group's timeout is the one given."""
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_RANK_GROUP], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    _, timeout, listening = line.split()
+    assert float(timeout) == 42.0
+    assert listening.split(",") == ["127.0.0.1", "127.0.0.1"]  # the store and gloo's pair listener
