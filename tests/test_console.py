@@ -221,28 +221,3 @@ def test_time_left_is_the_median_step_time_times_the_steps_left():
         "1h00m",
         "1h05m",
     ]
-
-
-def test_step_line_ends_with_the_time_left():
-    from cluster.train import step_line
-
-    metrics = {
-        "reward/total_mean": 1.5,
-        "reward/fidelity_mean": 0.7,
-        "reward/format_mean": 0.8,
-        "reward/parse_failure_rate": 0.0,
-        "score/spread_within_image": 1.1,
-        "score/batch_srcc": 0.25,
-        "learner/kl": 0.01,
-        "learner/loss": 0.002,
-        "time/generate_s": 2.0,
-        "time/generate_wait_s": 0.1,
-        "time/train_s": 7.0,
-        "async/staleness_mean": 0.0,
-        "time/weight_push_s": 0.1,
-        "perf/rollout_tokens_per_s": 1300.0,
-    }
-    line = step_line(3, 30, metrics, [20.0, 8.0, 8.0])
-    assert line.startswith("step 3/30 |") and line.endswith("tok/s | eta 3m36s")
-    assert step_line(30, 30, metrics, [8.0] * 30).endswith("tok/s")  # the last step: nothing left
-    assert step_line(3, 30, metrics).endswith("tok/s")

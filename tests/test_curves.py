@@ -28,28 +28,39 @@ def test_training_curves_png_has_a_panel_per_metric_group_and_held_out_srcc(tmp_
     assert path.is_file() and width > height * (len(PANELS) + 1) / 2
 
 
+STEP_METRICS = {
+    "reward/total_mean": 1.5,
+    "reward/fidelity_mean": 0.7,
+    "reward/format_mean": 0.8,
+    "reward/parse_failure_rate": 0.0,
+    "score/spread_within_image": 1.1,
+    "score/batch_srcc": 0.25,
+    "learner/kl": 0.01,
+    "learner/loss": 0.002,
+    "time/generate_s": 2.0,
+    "time/generate_wait_s": 0.1,
+    "time/train_s": 7.0,
+    "async/staleness_mean": 1.0,
+    "time/weight_push_s": 0.1,
+    "perf/rollout_tokens_per_s": 1300.0,
+}
+
+
 def test_step_line_shows_the_training_batch_srcc():
     from cluster.train import step_line
 
-    metrics = {
-        "reward/total_mean": 1.5,
-        "reward/fidelity_mean": 0.7,
-        "reward/format_mean": 0.8,
-        "reward/parse_failure_rate": 0.0,
-        "score/spread_within_image": 1.1,
-        "score/batch_srcc": 0.25,
-        "learner/kl": 0.01,
-        "learner/loss": 0.002,
-        "time/generate_s": 2.0,
-        "time/generate_wait_s": 0.1,
-        "time/train_s": 7.0,
-        "async/staleness_mean": 1.0,
-        "time/weight_push_s": 0.1,
-        "perf/rollout_tokens_per_s": 1300.0,
-    }
-    line = step_line(3, 30, metrics)
+    line = step_line(3, 30, STEP_METRICS)
     assert line.startswith("step 3/30 |") and "| batch srcc +0.25 |" in line
-    assert "batch srcc +nan" in step_line(3, 30, metrics | {"score/batch_srcc": float("nan")})
+    assert "batch srcc +nan" in step_line(3, 30, STEP_METRICS | {"score/batch_srcc": float("nan")})
+
+
+def test_step_line_ends_with_the_time_left():
+    from cluster.train import step_line
+
+    line = step_line(3, 30, STEP_METRICS, [20.0, 8.0, 8.0])
+    assert line.startswith("step 3/30 |") and line.endswith("tok/s | eta 3m36s")
+    assert step_line(30, 30, STEP_METRICS, [8.0] * 30).endswith("tok/s")  # the last step: nothing left
+    assert step_line(3, 30, STEP_METRICS).endswith("tok/s")
 
 
 def test_overlap_seconds_counts_time_covered_by_both_lists_once():

@@ -168,13 +168,7 @@ def test_killed_rollout_worker_is_replaced_and_the_run_completes(tmp_path, tiny_
     )
     code, output, killed = run_driver(overrides, kill_rollout_worker_after_step_1)
     assert killed, "no rollout worker process was found to kill\n" + output[-3000:]
-    assert code == 0, output[-4000:]
-    assert "step 3/3" in output
-    log = read_trained_images(tmp_path / "out")
-    assert [entry["step"] for entry in log] == [1, 2, 3]
-    assert all(0 <= entry["step"] - 1 - v <= 1 for entry in log for v in entry["weight_versions"])
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log, result, client = finished_three_steps_at_k1(tmp_path, code, output)
     history = client.get_metric_history(result["mlflow_run_id"], "events/rollout_worker_restarts")
     # One restart, counted from the step whose generation or weight push found the dead worker (step 2
     # unless the driver outran the kill).
@@ -208,13 +202,7 @@ def test_killed_vllm_engine_process_gets_its_worker_replaced_and_the_run_complet
     )
     code, output, killed = run_driver(overrides, kill_engine_after_step_1)
     assert killed, "no EngineCore process was found to kill\n" + output[-3000:]
-    assert code == 0, output[-4000:]
-    assert "step 3/3" in output
-    log = read_trained_images(tmp_path / "out")
-    assert [entry["step"] for entry in log] == [1, 2, 3]
-    assert all(0 <= entry["step"] - 1 - v <= 1 for entry in log for v in entry["weight_versions"])
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log, result, client = finished_three_steps_at_k1(tmp_path, code, output)
     restarts = [
         m.value for m in client.get_metric_history(result["mlflow_run_id"], "events/rollout_worker_restarts")
     ]
@@ -359,3 +347,15 @@ def test_runs_started_at_once_on_a_fresh_mlflow_store_all_open_it(tmp_path):
         for run in mlflow.search_runs(experiment_names=["visualquality-r1"], output_format="list")
     }
     assert names == {"run-0", "run-1", "run-2"}
+
+
+def finished_three_steps_at_k1(tmp_path, code: int, output: str):
+    """The run ended well after 3 steps, each trained on weights at most one update old: the
+    trained-images log, the run's result.json and an MLflow client of its store."""
+    assert code == 0, output[-4000:]
+    assert "step 3/3" in output
+    log = read_trained_images(tmp_path / "out")
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert all(0 <= entry["step"] - 1 - v <= 1 for entry in log for v in entry["weight_versions"])
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    return log, result, mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
