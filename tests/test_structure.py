@@ -41,18 +41,20 @@ def test_every_package_imports_only_the_layers_below_it():
     assert not wrong, "imports that run upwards or sideways:\n" + "\n".join(wrong)
 
 
+def reachable(graph: dict, start: str) -> set[str]:
+    """Every node `start` leads to in `graph` (node -> the nodes it points at), directly or not."""
+    seen, todo = set(), list(graph[start])
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph[name])
+    return seen
+
+
 def test_the_layer_table_has_no_circle():
     # A package may not be allowed to import one that is allowed to import it, directly or not.
-    def reachable(package: str) -> set[str]:
-        seen, todo = set(), list(ALLOWED[package])
-        while todo:
-            name = todo.pop()
-            if name not in seen:
-                seen.add(name)
-                todo.extend(ALLOWED[name])
-        return seen
-
-    assert [p for p in ALLOWED if p in reachable(p)] == []
+    assert [p for p in ALLOWED if p in reachable(ALLOWED, p)] == []
 
 
 def module_name(path: Path) -> str:
@@ -75,15 +77,5 @@ def test_no_module_imports_one_that_imports_it_back():
     # Within a package too: e.g. cluster/cli.py runs cluster/train.py, so train.py may not import cli.py.
     paths = {module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")}
     graph = {name: imported_modules(path, set(paths)) - {name} for name, path in paths.items()}
-
-    def reachable(start: str) -> set[str]:
-        seen, todo = set(), list(graph[start])
-        while todo:
-            name = todo.pop()
-            if name not in seen:
-                seen.add(name)
-                todo.extend(graph[name])
-        return seen
-
-    circles = sorted(name for name in graph if name in reachable(name))
+    circles = sorted(name for name in graph if name in reachable(graph, name))
     assert not circles, "modules on an import circle:\n" + "\n".join(circles)
