@@ -1,8 +1,17 @@
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def tracking_uri_left_alone():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which every later test's processes inherit."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "the test changed MLFLOW_TRACKING_URI"
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,6 @@ def test_train_console_shows_only_the_runs_own_lines(tmp_path, tiny_overrides):
     # The libraries' start-up output went to the log, C-level and actor output included.
     log = (tmp_path / "out" / "train.log").read_text()
     for chatter in (
-        "Token authentication is enabled",
         "vllm",
         "Setting accelerator to CPU",
         "Loading weights",

@@ -341,11 +341,10 @@ def test_runs_started_at_once_on_a_fresh_mlflow_store_all_open_it(tmp_path):
     ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], "\n".join(out[-2000:] for out in outputs)
-    mlflow.set_tracking_uri(uri)
-    names = {
-        run.info.run_name
-        for run in mlflow.search_runs(experiment_names=["visualquality-r1"], output_format="list")
-    }
+    # A client, not mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for every later test's processes.
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("visualquality-r1")
+    names = {run.info.run_name for run in client.search_runs([experiment.experiment_id])}
     assert names == {"run-0", "run-1", "run-2"}
 
 

@@ -141,7 +141,9 @@ def ray_head():
     # Token authentication on both sides: the head requires the token and the job client sends it. The
     # test's own token (not ~/.ray/auth_token, which a fresh machine lacks) keeps it self-contained.
     token = uuid.uuid4().hex
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # Without MLFLOW_TRACKING_URI: the jobs name their store themselves, or test the default.
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {**inherited, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     head = subprocess.run(
         [
             str(bin_dir / "ray"),
