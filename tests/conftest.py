@@ -1,6 +1,12 @@
 import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +72,76 @@ def async_run(tmp_path_factory, tiny_overrides):
         ),
     )
     return tmp_path, config, run(config)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and every process under it ([] once it has exited)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def listening_sockets(processes: list[psutil.Process]) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of every listening TCP/UDP socket of the processes."""
+    sockets = []
+    for process in processes:
+        try:
+            name = process.name()
+            connections = process.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue  # a short-lived helper that has exited: it listens on nothing
+        sockets += [
+            (process.pid, name, c.laddr.ip, c.laddr.port)
+            for c in connections
+            if c.status == psutil.CONN_LISTEN
+        ]
+    return sockets
+
+
+@dataclass
+class WatchedRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    samples: list[tuple[int, list]]  # (step lines printed so far, listening sockets), about every second
+    tmp_path: Path
+
+
+@pytest.fixture(scope="session")
+def watched_train_run(tmp_path_factory, tiny_overrides) -> WatchedRun:
+    """`vqr1 train` of cpu-tiny for 3 steps as a user starts it (its own process, the single-node
+    default: no RAY_ADDRESS), stdout and stderr kept apart, and the listening sockets of its whole process
+    tree sampled about every second from start-up to exit. The console test and the loopback test read
+    this one run."""
+    tmp_path = tmp_path_factory.mktemp("watched-run")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "cluster.cli", "train", "--config", "cpu-tiny"]
+    command += tiny_overrides(tmp_path, 3, "eval.max_images=4")
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(process.stdout), daemon=True),
+        threading.Thread(target=lambda: err.extend(process.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    samples = []
+    deadline = time.monotonic() + 1500
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            steps = sum(line.startswith("step ") for line in list(out))
+            samples.append((steps, listening_sockets(process_tree(process.pid))))
+            time.sleep(1.0)
+    finally:
+        if process.poll() is None:
+            for child in process_tree(process.pid)[::-1]:
+                child.kill()
+        process.wait(timeout=60)
+    for reader in readers:
+        reader.join(timeout=30)
+    return WatchedRun(process.returncode, "".join(out), "".join(err), samples, tmp_path)

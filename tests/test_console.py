@@ -50,25 +50,20 @@ def run_cli(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_train_console_shows_only_the_runs_own_lines(tmp_path, tiny_overrides):
-    run = run_cli(
-        "cluster.cli", "train", "--config", "cpu-tiny", *tiny_overrides(tmp_path, 2, "eval.max_images=4")
-    )
+def test_train_console_shows_only_the_runs_own_lines(watched_train_run):
+    run = watched_train_run
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-3000:]
     wrong = unexpected_lines(run.stdout, TRAIN_LINES) + unexpected_lines(run.stderr, TRAIN_LINES)
     assert not wrong, "lines on the console that are not the run's own:\n" + "\n".join(wrong)
     assert [line.split(" |")[0] for line in run.stdout.splitlines() if line.startswith("step ")] == [
-        "step 1/2",
-        "step 2/2",
+        "step 1/3",
+        "step 2/3",
+        "step 3/3",
     ]
     # The libraries' start-up output went to the log, C-level and actor output included.
-    log = (tmp_path / "out" / "train.log").read_text()
-    for chatter in (
-        "vllm",
-        "Setting accelerator to CPU",
-        "Loading weights",
-    ):
+    log = (run.tmp_path / "out" / "train.log").read_text()
+    for chatter in ("vllm", "Setting accelerator to CPU", "Loading weights"):
         assert chatter in log, chatter
 
 

@@ -70,3 +70,23 @@ def test_overlap_seconds_counts_time_covered_by_both_lists_once():
     assert overlap_seconds([(1.0, 4.0), (2.0, 5.0)], [(3.0, 4.5), (4.8, 9.0)]) == pytest.approx(1.5 + 0.2)
     assert overlap_seconds([(0.0, 1.0)], [(1.0, 2.0)]) == 0.0
     assert overlap_seconds([(0.0, 1.0)], []) == 0.0
+
+
+def test_summary_table_shows_a_dash_where_nothing_was_measured(capsys):
+    """A value that could not be computed (NaN: e.g. no image with two parsed scores) or was not measured
+    reads "-", as the console test's line kinds expect; the others keep three decimals."""
+    from cluster.train import print_summary
+
+    class Tracker:
+        def describe(self) -> str:
+            return "MLflow run abc in sqlite:///mlflow.db"
+
+    before = {"srcc": 0.0921, "spread_within_image": 1.2}
+    after = {"srcc": 0.4419, "spread_within_image": float("nan")}
+    print_summary(before, after, "outputs/checkpoint", Tracker())
+    rows = {
+        line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line[:2] == "  "
+    }
+    assert rows["srcc"] == ["0.092", "0.442"]
+    assert rows["spread_within_image"] == ["1.200", "-"]
+    assert rows["plcc"] == ["-", "-"]

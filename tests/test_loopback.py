@@ -4,7 +4,6 @@ starts listens on loopback only: nothing of a `make train` run is reachable from
 from __future__ import annotations
 
 import ipaddress
-import os
 
 from configs.runtime_env import apply_default_env
 
@@ -13,6 +12,7 @@ apply_default_env()
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
+from conftest import listening_sockets  # noqa: E402
 
 from cluster.system import start_ray  # noqa: E402
 from configs.load import load_config  # noqa: E402
@@ -42,22 +42,6 @@ def _ray_processes(session_name: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _listening(processes: list[psutil.Process]) -> list[tuple[int, str, str, int]]:
-    sockets = []
-    for process in processes:
-        try:
-            name = process.name()
-            connections = process.net_connections(kind="inet")
-        except psutil.NoSuchProcess:
-            continue  # a short-lived helper that has exited: it listens on nothing
-        sockets += [
-            (process.pid, name, c.laddr.ip, c.laddr.port)
-            for c in connections
-            if c.status == psutil.CONN_LISTEN
-        ]
-    return sockets
-
-
 @pytest.fixture
 def local_ray(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -73,7 +57,7 @@ def local_ray(monkeypatch):
 def test_every_process_of_the_local_ray_listens_on_loopback_only(local_ray):
     actor = Trivial.remote()
     assert ray.get(actor.ping.remote(), timeout=120) == "pong"  # a worker process now exists
-    sockets = _listening(_ray_processes(ray.get_runtime_context().get_session_name()))
+    sockets = listening_sockets(_ray_processes(ray.get_runtime_context().get_session_name()))
     names = {name for _, name, _, _ in sockets}
     # The sweep saw the servers it is meant to judge, not an empty list.
     assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), sockets
@@ -84,56 +68,20 @@ def test_every_process_of_the_local_ray_listens_on_loopback_only(local_ray):
     )
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        driver = psutil.Process(pid)
-        return [driver, *driver.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 @pytest.mark.slow
-def test_nothing_of_a_training_run_listens_beyond_loopback_while_its_steps_run(tmp_path, tiny_overrides):
-    """A cpu-tiny run (`python -m cluster.train`, the single-node default), its listening sockets sampled
-    about every second from start-up to the end, training steps included: every socket of the driver and
-    of every process under it (Ray's servers, the rollout worker, the reward actor, the learner ranks with
-    their torch.distributed store and gloo) is bound to loopback."""
-    import subprocess
-    import sys
-    import threading
-    import time
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny"]
-    command += tiny_overrides(tmp_path, 3, "eval.max_images=4")
-    process = subprocess.Popen(
-        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    samples = []  # (steps printed so far, listening sockets)
-    deadline = time.monotonic() + 900
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            steps = sum(line.startswith("step ") for line in list(lines))
-            samples.append((steps, _listening(_descendants(process.pid))))
-            time.sleep(1.0)
-    finally:
-        if process.poll() is None:
-            for child in _descendants(process.pid)[::-1]:
-                child.kill()
-        process.wait(timeout=60)
-    time.sleep(0.5)  # the reader thread drains the pipe
-    output = "".join(lines)
-    assert process.returncode == 0, output[-3000:]
+def test_nothing_of_a_training_run_listens_beyond_loopback_while_its_steps_run(watched_train_run):
+    """A cpu-tiny run as a user starts it, its listening sockets sampled about every second from start-up
+    to the end, training steps included: every socket of the command and of every process under it (Ray's
+    servers, the rollout worker, the reward actor, the learner ranks with their torch.distributed store and
+    gloo) is bound to loopback."""
+    run = watched_train_run
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     # Samples while the steps ran (after step 1's line, before step 3's), the learners' sockets among them.
-    during = [sockets for steps, sockets in samples if 1 <= steps < 3]
-    assert during, f"no sample while the steps ran ({len(samples)} samples)"
+    during = [sockets for steps, sockets in run.samples if 1 <= steps < 3]
+    assert during, f"no sample while the steps ran ({len(run.samples)} samples)"
     names = {name for sockets in during for _, name, _, _ in sockets}
     assert any("LearnerWor" in name for name in names), names  # a process name may be cut at 15
-    exposed = sorted({s for _, sockets in samples for s in sockets if not _is_loopback(s[2])})
+    exposed = sorted({s for _, sockets in run.samples for s in sockets if not _is_loopback(s[2])})
     assert not exposed, "listening beyond loopback (pid, process, address, port):\n" + "\n".join(
         map(str, exposed)
     )
