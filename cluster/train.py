@@ -18,6 +18,7 @@ generate, then train, in turn.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -354,10 +355,14 @@ def step_line(step: int, steps: int, metrics: dict, step_seconds: Sequence[float
 
 def print_summary(before: dict | None, after: dict, checkpoint: Path, tracker) -> None:
     print(f"\n{'held-out evaluation':<32}{'before':>8}{'after':>11}")
+
+    def cell(metrics: dict | None, key: str) -> str:
+        # "-": not measured, or nothing to measure it on (e.g. no image with two parsed scores).
+        value = (metrics or {}).get(key)
+        return f"{value:.3f}" if value is not None and math.isfinite(value) else "   -"
+
     for key in SUMMARY_KEYS:
-        old = f"{before[key]:.3f}" if before and key in before else "   -"
-        new = f"{after[key]:.3f}" if key in after else "   -"
-        print(f"  {key:<30}{old:>8}{new:>11}")
+        print(f"  {key:<30}{cell(before, key):>8}{cell(after, key):>11}")
     print(
         "  (*_expected: the mean of each sample's expected score, its leading digit's sampling noise removed;\n"
         "   the sampled srcc can see the policy's ranking only once spread_across_images_expected is not\n"
