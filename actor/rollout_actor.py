@@ -45,7 +45,7 @@ class RolloutWorker:
         from actor.rollout_engine import RolloutEngine
         from vlm.weight_sync import require_own_gpu
 
-        require_own_gpu()
+        require_own_gpu(rollout_cfg.tensor_parallel_size)  # a tensor-parallel engine: one GPU per rank
         if free_bytes_to_wait_for is not None:
             released, seconds = wait_for_device_memory(
                 free_bytes_to_wait_for, memory_release_deadline_s, device_free_bytes
@@ -146,9 +146,10 @@ def engine_seed(run_seed: int, worker_index: int, restart: int = 0) -> int:
 
 
 def device_free_bytes() -> int | None:
-    """Free memory of this process's GPU (the first of CUDA_VISIBLE_DEVICES) by NVML, which does not
-    open a CUDA context here (one would hold memory beside a multiprocess engine's); None without a GPU."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    """Free memory of this process's GPUs (those of CUDA_VISIBLE_DEVICES; the least free of them, as a
+    tensor-parallel engine puts a rank on each) by NVML, which does not open a CUDA context here (one
+    would hold memory beside a multiprocess engine's); None without a GPU."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if not visible:
         return None
     try:
@@ -158,11 +159,13 @@ def device_free_bytes() -> int | None:
     try:
         pynvml.nvmlInit()
         try:
-            if visible.isdigit():
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
-            else:
-                handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+            handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(int(d))
+                if d.isdigit()
+                else pynvml.nvmlDeviceGetHandleByUUID(d)
+                for d in visible
+            ]
+            return min(int(pynvml.nvmlDeviceGetMemoryInfo(handle).free) for handle in handles)
         finally:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError:

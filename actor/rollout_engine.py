@@ -21,6 +21,7 @@ was sampled, from vLLM's top-k log-probs at that position (`rewards.parsing.expe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,13 +30,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs.schema import ModelConfig, RolloutConfig
+from configs.schema import ModelConfig, RolloutConfig, tensor_parallel_problem
 from iqa.images import ImageInput, load_image
 from rewards.parsing import extract_score, score_digit_offset
 from vlm.factory import load_processor
 from vlm.prompts import build_prompt_text
 from vlm.tokens import STOP_TOKENS, VISION_SPECIAL_TOKENS, token_id
-from vlm.weight_sync import WORKER_EXTENSION, engine_weight_transfer_config
+from vlm.weight_sync import WeightSyncExtension, engine_weight_transfer_config
 
 # Top log-probs vLLM returns per position when digit distributions are asked for; digits outside count 0.
 DIGIT_TOP_K = 20
@@ -107,27 +108,70 @@ class ImageRollout:
     generated_between: tuple[float, float] = (0.0, 0.0)
 
 
-@contextlib.contextmanager
-def _apart_from_engine_stream(seed: int):
-    """Run the block on torch's default generators reseeded with `seed`, then put them back.
+class RolloutWorkerExtension(WeightSyncExtension):
+    """vLLM's worker_extension_cls of the rollout engine, mixed into each of its workers (every
+    tensor-parallel rank): the weight pushes' loading (vlm.weight_sync) and a random stream apart.
 
-    vLLM samples unseeded requests from the default torch generator of the process that runs the model
-    (its sampler's q.exponential_()). In the in-process engine that is this process, so saving and
-    restoring the generator state keeps a side call (an evaluation) out of the rollouts' stream. Seeded
-    requests are no way out here: vLLM 0.32's CPU runner fails on large seeded batches ("CPU Generator
-    does not use offset"). The multiprocess engine (GPU presets) gets per-request seeds instead.
+    vLLM samples unseeded requests from the default torch generator of the process that runs its
+    worker: the engine's own process with one rank in-process, a process per rank under the
+    multiprocessing executor, where every rank samples with the same generator state (the ranks stay in
+    step only so). `enter_stream_apart` reseeds it on each rank and `leave_stream_apart` puts it back, so
+    a side call (an evaluation) leaves the rollouts' stream where it was. Seeded requests are no way out
+    on the CPU: vLLM 0.32's CPU runner fails on large seeded batches ("CPU Generator does not use offset").
     """
-    import torch
 
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
+    def enter_stream_apart(self, seed: int) -> None:
+        import torch
+
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._engine_stream = (torch.get_rng_state(), cuda_states)
+        torch.manual_seed(seed)
+
+    def leave_stream_apart(self) -> None:
+        import torch
+
+        cpu_state, cuda_states = self._engine_stream
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+WORKER_EXTENSION = f"{RolloutWorkerExtension.__module__}.{RolloutWorkerExtension.__qualname__}"
+
+
+def cpu_rank_binding(cores: list[int], tensor_parallel_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a tensor-parallel CPU engine on `cores` (the worker's own): the
+    cores in tensor_parallel_size contiguous, nearly equal groups, one per rank, '|'-separated
+    ([0, 1] -> "0|1", [0..4] over 2 -> "0,1,2|3,4"), read by vLLM's multiprocessing executor
+    (vllm/utils/ompmultiprocessing.py). Its default, "auto", wants a NUMA node per rank."""
+    cores = sorted(cores)
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={tensor_parallel_size} needs a core per vLLM rank, but this rollout "
+            f"worker may run on {len(cores)} core(s) {cores} (cluster.rollout.cpu_affinity, or the machine's)"
+        )
+    size, extra = divmod(len(cores), tensor_parallel_size)
+    groups, start = [], 0
+    for rank in range(tensor_parallel_size):
+        end = start + size + (rank < extra)
+        groups.append(",".join(str(core) for core in cores[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+    """The block with these environment variables set, then as they were."""
+    before = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def suppression_bias(token_ids: list[int]) -> dict[int, float]:
@@ -229,6 +273,7 @@ class RolloutEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout_cfg.in_process_engine else "1"
         import torch
         from vllm import LLM
+        from vllm import envs as vllm_envs
 
         quiet_expected_vllm_warnings(VISION_PREFIXES if model_cfg.freeze_vision else ())
         self.model_path = Path(model_path)
@@ -244,6 +289,16 @@ class RolloutEngine:
         self.suppressed_token_ids = sorted({self._token_id(t) for t in VISION_SPECIAL_TOKENS})
         self.weight_version = 0
 
+        tp = rollout_cfg.tensor_parallel_size
+        problem = tensor_parallel_problem(json.loads((self.model_path / "config.json").read_text()), tp)
+        if problem is not None:
+            raise ValueError(f"{self.model_path / 'config.json'}: {problem}")
+        # A CPU engine's ranks each run on cores of their own among this worker's (unless set outside).
+        binding = {}
+        if tp > 1 and not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            binding["VLLM_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(sorted(os.sched_getaffinity(0)), tp)
+        self._cuda = torch.cuda.is_available()
+
         longest_prompt = max(len(tokenizer(text)["input_ids"]) for text in self.prompt_texts.values())
         max_image_tokens = math.ceil(model_cfg.max_pixels / PIXELS_PER_IMAGE_TOKEN)
         memory = (
@@ -251,24 +306,31 @@ class RolloutEngine:
             if torch.cuda.is_available()
             else {"kv_cache_memory_bytes": int(rollout_cfg.kv_cache_gib * (1 << 30))}
         )
-        self.llm = LLM(
-            model=str(self.model_path),
-            dtype=model_cfg.dtype,
-            seed=rollout_cfg.seed,
-            max_model_len=longest_prompt + max_image_tokens + rollout_cfg.max_new_tokens,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-            enforce_eager=rollout_cfg.enforce_eager,
-            trust_remote_code=model_cfg.trust_remote_code,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs={
-                "size": {"shortest_edge": model_cfg.min_pixels, "longest_edge": model_cfg.max_pixels}
-            },
-            # Sampling comes only from RolloutConfig, never from the checkpoint's generation_config.json.
-            generation_config="vllm",
-            worker_extension_cls=WORKER_EXTENSION,
-            weight_transfer_config=engine_weight_transfer_config(weight_transfer_backend),
-            **memory,
-        )
+        # An engine started earlier in this process froze vLLM's reading of the environment (its
+        # enable_envs_cache); this one's settings (above and VLLM_ENABLE_V1_MULTIPROCESSING) must count.
+        vllm_envs.disable_envs_cache()
+        with _environment(binding):
+            self.llm = LLM(
+                model=str(self.model_path),
+                dtype=model_cfg.dtype,
+                seed=rollout_cfg.seed,
+                max_model_len=longest_prompt + max_image_tokens + rollout_cfg.max_new_tokens,
+                tensor_parallel_size=tp,
+                # Ranks as processes of this worker: inside a Ray placement group vLLM would pick its Ray
+                # executor, which the CPU platform refuses and which would place ranks outside the bundle.
+                distributed_executor_backend="mp" if tp > 1 else None,
+                enforce_eager=rollout_cfg.enforce_eager,
+                trust_remote_code=model_cfg.trust_remote_code,
+                limit_mm_per_prompt={"image": 1, "video": 0},
+                mm_processor_kwargs={
+                    "size": {"shortest_edge": model_cfg.min_pixels, "longest_edge": model_cfg.max_pixels}
+                },
+                # Sampling comes only from RolloutConfig, never from the checkpoint's generation_config.json.
+                generation_config="vllm",
+                worker_extension_cls=WORKER_EXTENSION,
+                weight_transfer_config=engine_weight_transfer_config(weight_transfer_backend),
+                **memory,
+            )
         self._kv_cache_peak = _note_peak_kv_cache_usage(self.llm)
         self._stop_watching = threading.Event()
         client = self.llm.llm_engine.engine_core
@@ -335,7 +397,8 @@ class RolloutEngine:
         the k-th child request with seed + k), so no two samples of the call share a random stream.
         stream_apart=int draws the call from a stream of its own, seeded with that int, and leaves the
         engine's generator where it was, so an evaluation does not change the training samples after
-        it; see _apart_from_engine_stream.
+        it: on every rank, by RolloutWorkerExtension, except for a multiprocess engine on CUDA (the GPU
+        presets), whose call gets per-request seeds from that int instead.
         digit_probs=True fills Completion.digit_probs (top-k log-probs at every position: evaluation only).
         """
         if n < 1:
@@ -352,20 +415,23 @@ class RolloutEngine:
         ]
         if seed is not None and stream_apart is not None:
             raise ValueError("give seed or stream_apart, not both")
-        in_process = self.rollout_cfg.in_process_engine
-        if stream_apart is not None and not in_process:
-            seed = stream_apart  # per-request seeds: sampled from their own generators in the engine core
+        seeded_apart = stream_apart is not None and self._cuda and not self.rollout_cfg.in_process_engine
+        if seeded_apart:
+            seed = stream_apart  # per-request seeds: sampled from generators of their own
         top_logprobs = DIGIT_TOP_K if digit_probs else 0
         params = [
             self.sampling_params(n, temperature, None if seed is None else seed + i * n, top_logprobs)
             for i in range(len(images))
         ]
         started = time.time()
-        if stream_apart is None or not in_process:
+        if stream_apart is None or seeded_apart:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         else:
-            with _apart_from_engine_stream(stream_apart):
+            self.llm.collective_rpc("enter_stream_apart", args=(stream_apart,))
+            try:
                 outputs = self.llm.generate(requests, params, use_tqdm=False)
+            finally:
+                self.llm.collective_rpc("leave_stream_apart")
         between = (started, time.time())
         return [self._to_rollout(output, digit_probs, between) for output in outputs]
 

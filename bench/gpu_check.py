@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -418,7 +419,7 @@ def stage_learner_step(cache: Path, work: Path, gpus: int) -> dict:
     }
 
 
-def stage_object_store_push(cache: Path, work: Path, gpus: int) -> dict:
+def stage_object_store_push(cache: Path, work: Path, gpus: int, extra: tuple[str, ...] = ()) -> dict:
     """A rollout worker and a learner sharing one GPU: the push goes through Ray's object store."""
     config = fitted_config(
         cache,
@@ -426,8 +427,24 @@ def stage_object_store_push(cache: Path, work: Path, gpus: int) -> dict:
         rollout_workers=1,
         learners=1,
         gpus_per_actor=0.45,
-        extra=("rollout.gpu_memory_utilization=0.3",),
+        extra=("rollout.gpu_memory_utilization=0.3", *extra),
     )
+    with running_system(config) as (system, prompt):
+        return push_and_verify(system, config, prompt)
+
+
+# learner.lora for the LoRA stages: the merged push (learner.lora.push=merged) under the preset's ZeRO-3 bf16.
+LORA = ("learner.lora.rank=16", "learner.lora.alpha=32")
+
+
+def stage_lora_object_store_push(cache: Path, work: Path, gpus: int) -> dict:
+    """`object_store_push` with a LoRA learner: the merged adapted layers through Ray's object store."""
+    return stage_object_store_push(cache, work, gpus, extra=LORA)
+
+
+def stage_lora_nccl_push(cache: Path, work: Path, gpus: int) -> dict:
+    """A LoRA learner and a rollout worker on GPUs of their own: the merged layers over NCCL."""
+    config = fitted_config(cache, work, rollout_workers=1, learners=1, gpus_per_actor=1, extra=LORA)
     with running_system(config) as (system, prompt):
         return push_and_verify(system, config, prompt)
 
@@ -581,6 +598,173 @@ def stage_train_run(cache: Path, work: Path, gpus: int) -> dict:
     }
 
 
+# vLLM pads the vocabulary to a multiple of this before splitting it over the ranks
+# (vllm/model_executor/layers/vocab_parallel_embedding.py, DEFAULT_VOCAB_PADDING_SIZE).
+VOCAB_PADDING = 64
+TENSOR_PARALLEL = 2
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def rank_shard_checksums(worker) -> dict:
+    """Run in each vLLM rank (`LLM.collective_rpc`): its rank, the physical GPU it works on (None on a
+    CPU), and checksums of its shard of the language model's embedding (its vocabulary rows, padding
+    left out) and of layer 0's packed qkv bias."""
+    import os
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    model = worker.model_runner.model
+    params = dict(model.named_parameters())
+    language = "language_model.model"
+    rows = model.get_submodule(f"{language}.embed_tokens").shard_indices.num_org_elements
+    gpu = None
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        gpu = visible[torch.cuda.current_device()].strip()
+    return {
+        "rank": get_tensor_model_parallel_rank(),
+        "gpu": gpu,
+        "embed": tensor_checksum(params[f"{language}.embed_tokens.weight"][:rows]),
+        "qkv_bias": tensor_checksum(params[f"{language}.layers.0.self_attn.qkv_proj.bias"]),
+    }
+
+
+def expected_shard_checksums(
+    weights: dict[str, torch.Tensor], tensor_parallel_size: int, dtype
+) -> list[dict]:
+    """What `rank_shard_checksums` should find on each rank after a push of `weights` (the learner's
+    Hugging Face names) into an engine of `dtype`: the embedding split by vocabulary rows (the
+    vocabulary padded to VOCAB_PADDING first), q, k and v biases each split in equal parts, packed."""
+    embed = weights["model.language_model.embed_tokens.weight"].to(dtype)
+    attention = "model.language_model.layers.0.self_attn"
+    q, k, v = (weights[f"{attention}.{name}_proj.bias"].to(dtype) for name in "qkv")
+    vocab = embed.shape[0]
+    per_rank = -(-vocab // VOCAB_PADDING) * VOCAB_PADDING // tensor_parallel_size
+    return [
+        {
+            "rank": rank,
+            "embed": tensor_checksum(embed[rank * per_rank : min((rank + 1) * per_rank, vocab)]),
+            "qkv_bias": tensor_checksum(torch.cat([t.chunk(tensor_parallel_size)[rank] for t in (q, k, v)])),
+        }
+        for rank in range(tensor_parallel_size)
+    ]
+
+
+def stage_tensor_parallel(cache: Path, work: Path, gpus: int) -> dict:
+    """A rollout worker whose engine runs at rollout.tensor_parallel_size=2 in a bundle of two GPUs of
+    the run's placement group: each rank on its own GPU of the two Ray gave the worker; greedy log-probs
+    against a CPU fp32 forward before and after a push through the object store (the driver is the
+    trainer: the two GPUs are the engine's); after it, each rank holds its shard of the pushed weights."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from actor.rollout_actor import create_rollout_worker
+    from cluster.system import reserve_placement, start_ray
+    from configs.runtime_env import apply_default_env
+    from learner.policy import PolicySample, sequence_logprobs
+    from vlm.factory import load_processor, resolve_model_path
+    from vlm.prompts import build_prompt_text
+    from vlm.weight_sync import serialize_buckets
+
+    config = fitted_config(
+        cache,
+        work,
+        rollout_workers=1,
+        learners=1,
+        gpus_per_actor=0,
+        extra=(
+            f"rollout.tensor_parallel_size={TENSOR_PARALLEL}",
+            f"cluster.rollout.num_gpus={TENSOR_PARALLEL}",
+            "rollout.gpu_memory_utilization=0.3",
+        ),
+    )
+    model_path = resolve_model_path(config.model, config.data.models_cache_dir)
+    processor = load_processor(model_path, config.model.min_pixels, config.model.max_pixels)
+    prompt = build_prompt_text(processor, config.rollout.thinking)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
+    image = noise_image(0)
+
+    def gap(worker) -> float:
+        (rollout,) = ray.get(worker.generate.remote([png_bytes(image)], 1, temperature=0.0), timeout=600)
+        completion = rollout.completions[0]
+        with torch.no_grad():
+            logp, mask = sequence_logprobs(
+                model, processor, [PolicySample(image, prompt, [completion.token_ids])], micro_batch_size=1
+            )
+        return max(abs(a - b) for a, b in zip(completion.logprobs, logp[0][mask[0]].tolist(), strict=True))
+
+    start_ray(config, apply_default_env())
+    try:
+        placement = reserve_placement(config)
+        started = time.perf_counter()
+        worker = create_rollout_worker(
+            model_path,
+            config.model,
+            config.rollout,
+            config.cluster.rollout,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement["rollout"], placement_group_bundle_index=0
+            ),
+        )
+        bundle_gpus = ray.get(
+            worker.__ray_call__.remote(lambda self: sorted(str(i) for i in ray.get_gpu_ids())), timeout=900
+        )
+        start_seconds = time.perf_counter() - started
+        before = gap(worker)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        buckets = [ray.put(b) for b in serialize_buckets(model.named_parameters(), bucket_bytes=64 << 20)]
+        ray.get(worker.update_weights.remote(buckets, 1), timeout=600)
+        after = gap(worker)
+        ranks = ray.get(
+            worker.__ray_call__.remote(lambda self: self.engine.llm.collective_rpc(rank_shard_checksums)),
+            timeout=300,
+        )
+    finally:
+        ray.shutdown()
+    dtype = getattr(torch, config.model.dtype)
+    expected = expected_shard_checksums(dict(model.named_parameters()), TENSOR_PARALLEL, dtype)
+    return {
+        "engine_start_seconds": start_seconds,
+        "bundle_gpus": bundle_gpus,
+        "rank_gpus": [r["gpu"] for r in ranks],
+        "gap_before_push": before,
+        "gap_after_push": after,
+        "checks": {
+            "each_rank_on_its_own_gpu_of_the_bundle": sorted(r["gpu"] for r in ranks) == bundle_gpus
+            and len(bundle_gpus) == TENSOR_PARALLEL,
+            "gap_after_push_within_bf16_tolerance": after < BF16_LOGPROB_TOLERANCE,
+            "push_changed_the_engine": after < before,
+            "every_rank_holds_its_shard": [{k: r[k] for k in ("rank", "embed", "qkv_bias")} for r in ranks]
+            == expected,
+        },
+    }
+
+
+def stage_tensor_parallel_nccl(cache: Path, work: Path, gpus: int) -> dict:
+    """A TP=2 rollout worker (two GPUs) and a learner (a third): the NCCL group holds the learner and
+    both ranks (1 + tensor_parallel_size ranks), one update, the push and verify_weight_sync's gap."""
+    config = fitted_config(
+        cache,
+        work,
+        rollout_workers=1,
+        learners=1,
+        gpus_per_actor=1,
+        extra=(
+            f"rollout.tensor_parallel_size={TENSOR_PARALLEL}",
+            f"cluster.rollout.num_gpus={TENSOR_PARALLEL}",
+        ),
+    )
+    with running_system(config) as (system, prompt):
+        return push_and_verify(system, config, prompt)
+
+
 STAGES = [
     Stage("env", "versions, the model runner vLLM picks, visible devices", 1, False, stage_env),
     Stage(
@@ -618,6 +802,34 @@ STAGES = [
         2,
         True,
         stage_nccl_transport,
+    ),
+    Stage(
+        "lora_object_store_push",
+        "LoRA learner (ZeRO-3 bf16): merged layers pushed through the object store",
+        1,
+        True,
+        stage_lora_object_store_push,
+    ),
+    Stage(
+        "lora_nccl_push",
+        "LoRA learner (ZeRO-3 bf16): merged layers pushed over NCCL",
+        2,
+        True,
+        stage_lora_nccl_push,
+    ),
+    Stage(
+        "tensor_parallel",
+        "a TP=2 rollout worker on a bundle of 2 GPUs: ranks' GPUs, object-store push reaching each shard",
+        2,
+        True,
+        stage_tensor_parallel,
+    ),
+    Stage(
+        "tensor_parallel_nccl",
+        "a TP=2 rollout worker and a learner: NCCL push to both ranks with verify_weight_sync",
+        3,
+        True,
+        stage_tensor_parallel_nccl,
     ),
     Stage("train_run", "a 3-step run of gpu-7b-1node with a small model", 2, True, stage_train_run),
 ]

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.system import shard, wait
+from cluster.system import RemoteCallError, is_dead_worker_error, replace_dead_rollout_workers, shard, wait
 
 # The table printed after training (and the keys of an evaluation's result).
 SUMMARY_KEYS = (
@@ -110,12 +110,25 @@ def evaluate_split(config, eval_split, score_images, out_dir: Path, tracker, pre
 
 
 def evaluate(system, config, eval_split, tracker, label: str, step: int) -> dict:
-    """Score the evaluation split with the rollout workers' current policy and log it as eval_<label>."""
-    score_images = image_scorer(
-        config,
-        [worker.generate.remote for worker in system.rollout_workers],
-        lambda refs: wait(refs, config, f"evaluation ({label})", step, "rollout workers"),
-    )
+    """Score the evaluation split with the rollout workers' current policy and log it as eval_<label>.
+    A rollout worker that dies is replaced (`replace_dead_rollout_workers`) and the chunk scored again
+    with the same seeds."""
+    phase = f"evaluation ({label})"
+
+    def on_worker(index: int) -> Callable:
+        return lambda *args, **options: (index, args, options)  # sent by `collect`
+
+    def collect(calls: list) -> list:
+        while True:
+            refs = [system.rollout_workers[i].generate.remote(*args, **options) for i, args, options in calls]
+            try:
+                return wait(refs, config, phase, step, "rollout workers")
+            except RemoteCallError as exc:
+                if not is_dead_worker_error(exc.__cause__):
+                    raise
+                replace_dead_rollout_workers(system, config, step, exc, phase)
+
+    score_images = image_scorer(config, [on_worker(i) for i in range(len(system.rollout_workers))], collect)
     out_dir = Path(config.train.output_dir) / f"eval-{label}"
     return evaluate_split(config, eval_split, score_images, out_dir, tracker, f"eval_{label}", step)
 

@@ -29,17 +29,28 @@ class System:
     # make_rollout_worker(i, restart=0, free_bytes=None) creates rollout worker i in its bundle; a
     # replacement (restart >= 1) gets a seed of its own and first waits for free_bytes of device memory.
     make_rollout_worker: Callable[..., object]
-    rollout_restarts: int = 0
+    # Start the reward actor, and the learner group (all ranks, their process group formed, the start
+    # model loaded): again after one died (`replace_reward_actor`, `restart_learners`).
+    make_reward: Callable[[], object]
+    make_learners: Callable[[], list]
+    # Replacements so far per role ("rollout worker", "reward actor", "learner group"), each against
+    # cluster.max_restarts (`use_restarts`).
+    restarts: dict[str, int] = field(default_factory=dict)
     # Per rollout worker: its engine's seed and its device's free memory before its engine started
     # (None on CPUs), as the first workers report them once started (`RolloutWorker.start_figures`).
     rollout_start_figures: list[dict] = field(default_factory=list)
-    # One entry per replaced rollout worker: step, phase, worker, restart (of that worker), seed, cause.
+    # One entry per replacement: step, phase, role, actor, restart (of that role), steps_redone, cause,
+    # and for a rollout worker its index and new seed.
     replacements: list[dict] = field(default_factory=list)
     logged_replacements: int = 0  # how many of them are in MLflow (cluster.train.log_replacements)
     # The learners' weights: the number of the step whose update made them (0: the start model).
     policy_version: int = 0
     # Batches generated again because their rollout worker died with them in flight.
     regenerated_batches: int = 0
+
+    @property
+    def rollout_restarts(self) -> int:
+        return self.restarts.get("rollout worker", 0)
 
 
 @dataclass
@@ -56,7 +67,13 @@ class Generation:
 
 
 class RemoteCallError(RuntimeError):
-    """A remote call that failed or timed out, naming the actor, the phase and the step."""
+    """A remote call that failed or timed out, naming the actor, the phase and the step (`actor` and
+    `phase`: as `wait` was given them, e.g. "learners", "update")."""
+
+    def __init__(self, message: str, actor: str = "", phase: str = "") -> None:
+        super().__init__(message)
+        self.actor = actor
+        self.phase = phase
 
 
 def is_engine_dead_error(exc: BaseException | None) -> bool:
@@ -93,14 +110,53 @@ def wait(refs, config, phase: str, step: int, actor: str):
     except ray.exceptions.GetTimeoutError as exc:
         raise RemoteCallError(
             f"step {step}, phase {phase}: {actor} did not answer within cluster.call_timeout_s="
-            f"{config.cluster.call_timeout_s:g}s"
+            f"{config.cluster.call_timeout_s:g}s",
+            actor,
+            phase,
         ) from exc
     except ray.exceptions.RayActorError as exc:
-        raise RemoteCallError(f"step {step}, phase {phase}: {actor} died: {exc}") from exc
+        raise RemoteCallError(f"step {step}, phase {phase}: {actor} died: {exc}", actor, phase) from exc
     except ray.exceptions.RayTaskError as exc:
-        if not is_engine_dead_error(exc):
+        if is_engine_dead_error(exc):
+            raise RemoteCallError(
+                f"step {step}, phase {phase}: {actor}: vLLM engine died", actor, phase
+            ) from exc
+        # A task that failed because its peer died (a learner rank whose collective lost the other rank)
+        # is reported as that death, which the driver recovers from.
+        death = peer_death(refs)
+        if death is None:
             raise
-        raise RemoteCallError(f"step {step}, phase {phase}: {actor}: vLLM engine died") from exc
+        raise RemoteCallError(f"step {step}, phase {phase}: {actor} died: {death}", actor, phase) from death
+
+
+def peer_death(refs, within_s: float = 30.0):
+    """The RayActorError of a call among `refs` whose actor died, waiting up to `within_s` seconds for
+    the calls that have not ended yet; None if none did."""
+    import ray
+
+    refs = refs if isinstance(refs, list) else [refs]
+    if not refs:
+        return None
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=within_s)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError as death:
+            return death
+        except Exception:  # another task's own error, not a death
+            continue
+    return None
+
+
+def is_dead_actor_call(exc: BaseException, actor: str) -> bool:
+    """Whether exc is a call to `actor` (as named to `wait`) that failed because one of its actors died."""
+    import ray
+
+    return (
+        isinstance(exc, RemoteCallError)
+        and exc.actor == actor
+        and isinstance(exc.__cause__, ray.exceptions.RayActorError)
+    )
 
 
 def start_ray(config, env_vars: dict[str, str]) -> None:
@@ -211,21 +267,33 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
             scheduling_strategy=strategy,
         )
 
+    def make_reward():
+        return create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
+
+    def make_learners():
+        return create_learner_group(
+            config.learner.num_workers,
+            cluster.learner,
+            model_path=model_path,
+            model=config.model,
+            learner=config.learner,
+            train_batch_size=config.train.images_per_step * config.rollout.num_generations,
+            total_steps=config.train.steps,
+            temperature=config.rollout.temperature,
+            placement_group=placement["learner"],
+            timeout_s=cluster.call_timeout_s,
+        )
+
     rollout_workers = [make_rollout_worker(i) for i in range(config.rollout.num_workers)]
-    reward = create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
-    learners = create_learner_group(
-        config.learner.num_workers,
-        cluster.learner,
-        model_path=model_path,
-        model=config.model,
-        learner=config.learner,
-        train_batch_size=config.train.images_per_step * config.rollout.num_generations,
-        total_steps=config.train.steps,
-        temperature=config.rollout.temperature,
-        placement_group=placement["learner"],
-        timeout_s=cluster.call_timeout_s,
+    system = System(
+        rollout_workers,
+        make_reward(),
+        make_learners(),
+        placement,
+        make_rollout_worker,
+        make_reward,
+        make_learners,
     )
-    system = System(rollout_workers, reward, learners, placement, make_rollout_worker)
     # Asked once the learners are up (the engines started meanwhile): a replacement waits for its
     # predecessor's free device memory.
     system.rollout_start_figures = wait(
@@ -290,24 +358,36 @@ def submit_generation(system: System, config, step: int, rows: list[dict]) -> Ge
 
 def _submit(system: System, config, generation: Generation) -> Generation:
     shards = shard(list(range(len(generation.images))), len(system.rollout_workers))
-    # Unseeded requests: each engine's generator was seeded once (rollout.seed). Per-request seeds
-    # crash vLLM 0.32's CPU runner on large batches ("CPU Generator does not use offset").
+    n = config.rollout.num_generations
+    # Unseeded requests by default: each engine's generator was seeded once (rollout.seed). Per-request
+    # seeds crash vLLM 0.32's CPU runner on large batches ("CPU Generator does not use offset").
+    seed = batch_seed(config.rollout.seed, generation.step) if config.rollout.reproducible_batches else None
     busy = [
         (worker, indices) for worker, indices in zip(system.rollout_workers, shards, strict=True) if indices
     ]
     generation.workers = [worker for worker, _ in busy]
     generation.refs = [
-        worker.generate.remote([generation.images[i] for i in indices], config.rollout.num_generations)
+        worker.generate.remote(
+            [generation.images[i] for i in indices],
+            n,
+            # Sample k of image i of the batch gets seed + i * n + k, whichever worker draws it.
+            seed=None if seed is None else seed + indices[0] * n,
+        )
         for worker, indices in busy
     ]
     generation.rollouts = None
     return generation
 
 
+def batch_seed(rollout_seed: int, step: int) -> int:
+    """The first request seed of step `step`'s batch under rollout.reproducible_batches."""
+    return int(np.random.SeedSequence([rollout_seed, step]).generate_state(1)[0])
+
+
 def collect_generation(system: System, config, generation: Generation, oldest_version: int = 0) -> list:
     """Wait for the batch and return its rollouts. A rollout worker that died with it in flight is
     replaced (loaded with the learners' current weights, `replace_dead_rollout_workers`) and the batch is
-    generated again, up to cluster.max_worker_restarts times; so is a batch sampled with weights older
+    generated again, up to cluster.max_restarts times; so is a batch sampled with weights older
     than `oldest_version` (one restored from a checkpoint of a run with a larger train.max_staleness)."""
 
     while True:
@@ -353,10 +433,13 @@ def replace_dead_rollout_workers(
     one and start a replacement in its bundle: after its predecessor's device memory is free again, with
     a seed of its own (`actor.rollout_actor.engine_seed` of its restart count, recorded in
     system.replacements), loaded with the learners' current weights."""
+    import time
+
     import ray
 
     from actor.rollout_actor import engine_seed
 
+    started = time.monotonic()
     dead = []
     for index, worker in enumerate(system.rollout_workers):
         try:
@@ -369,13 +452,10 @@ def replace_dead_rollout_workers(
             dead.append(index)
     if not dead:
         raise cause
-    if system.rollout_restarts + len(dead) > config.cluster.max_worker_restarts:
-        raise RemoteCallError(
-            f"step {step}, phase {phase}: rollout worker(s) {dead} died and the "
-            f"cluster.max_worker_restarts={config.cluster.max_worker_restarts} restarts of this run are used up"
-        ) from cause
+    what_died = f"step {step}, phase {phase}: rollout worker(s) {dead}"
+    use_restarts(system, config, "rollout worker", len(dead), what_died, cause)
     for index in dead:
-        restart = 1 + sum(event["worker"] == index for event in system.replacements)
+        restart = 1 + sum(event.get("worker") == index for event in system.replacements)
         seed = engine_seed(config.rollout.seed, index, restart)
         what = "its vLLM engine died" if is_engine_dead_error(cause) else "it died"
         log.warning(
@@ -390,14 +470,125 @@ def replace_dead_rollout_workers(
         ray.kill(system.rollout_workers[index], no_restart=True)
         figures = system.rollout_start_figures[index] if index < len(system.rollout_start_figures) else {}
         system.rollout_workers[index] = system.make_rollout_worker(index, restart, figures.get("free_bytes"))
-        system.rollout_restarts += 1
         system.replacements.append(
-            {"step": step, "phase": phase, "worker": index, "restart": restart, "seed": seed, "cause": what}
+            {
+                "step": step,
+                "phase": phase,
+                "role": "rollout worker",
+                "actor": f"rollout-{index}",
+                "worker": index,
+                "restart": restart,
+                "seed": seed,
+                "steps_redone": 0,
+                "cause": what,
+            }
         )
     if config.cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step)  # a new group, with the replacements in it
     # The replacement starts from the initial weights: load the learners' current ones.
     push_weights(system, config, step, [system.rollout_workers[i] for i in dead])
+    for event in system.replacements[-len(dead) :]:
+        event["seconds"] = round(time.monotonic() - started, 1)  # found dead -> loaded, as a whole
+
+
+def use_restarts(system: System, config, role: str, count: int, what_died: str, cause: Exception) -> None:
+    """Count `count` replacements of `role` against cluster.max_restarts (each role has its own count);
+    past the limit, a RemoteCallError naming the limit ends the run instead (a crash loop)."""
+    used = system.restarts.get(role, 0)
+    if used + count > config.cluster.max_restarts:
+        raise RemoteCallError(
+            f"{what_died} died and the cluster.max_restarts={config.cluster.max_restarts} "
+            f"replacements of the {role} in this run are used up"
+        ) from cause
+    system.restarts[role] = used + count
+
+
+def score(system: System, config, ids: list[str], texts: list[list[str]], step: int):
+    """The reward actor's scores of step `step`'s batch. A reward actor that died is replaced
+    (`replace_reward_actor`) and scores the batch again: it holds no training state, and its random
+    draws are those of the step (`RewardWorker.score`), so nothing is redone but this call."""
+    while True:
+        try:
+            return wait(system.reward.score.remote(ids, texts, step), config, "reward", step, "reward actor")
+        except RemoteCallError as exc:
+            if not is_dead_actor_call(exc, "reward actor"):
+                raise
+            replace_reward_actor(system, config, step, "reward", exc)
+
+
+def replace_reward_actor(system: System, config, step: int, phase: str, cause: Exception) -> None:
+    """Kill the reward actor and start another (it holds only the labels); recorded in system.replacements."""
+    import time
+
+    import ray
+
+    started = time.monotonic()
+    use_restarts(system, config, "reward actor", 1, f"step {step}, phase {phase}: the reward actor", cause)
+    log.warning("step %d, phase %s: the reward actor died (%s); starting a replacement", step, phase, cause)
+    ray.kill(system.reward, no_restart=True)
+    system.reward = system.make_reward()
+    wait(system.reward.ping.remote(), config, phase, step, "reward actor")
+    system.replacements.append(
+        {
+            "step": step,
+            "phase": phase,
+            "role": "reward actor",
+            "actor": "reward",
+            "restart": system.restarts["reward actor"],
+            "steps_redone": 0,
+            "cause": "it died",
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+
+
+def restart_learners(system: System, config, step: int, cause: RemoteCallError, steps_done: int):
+    """A learner rank died (found by step `step`'s call `cause`; steps up to `steps_done` had finished):
+    kill every rank (the others may sit in a collective with the dead one), start the group again in its
+    placement group, restore the newest verified checkpoint (none: the start model, step 0), and push
+    its weights to the rollout workers. Returns that checkpoint (folder, state), or None."""
+    import time
+
+    import ray
+
+    from cluster import checkpoints
+
+    started = time.monotonic()
+    phase = cause.phase
+    use_restarts(system, config, "learner group", 1, f"step {step}, phase {phase}: a learner rank", cause)
+    for learner in system.learners:
+        ray.kill(learner, no_restart=True)
+    restored = checkpoints.latest_valid(Path(config.checkpoint.dir))
+    restored_step = restored[1]["step"] if restored else 0
+    log.warning(
+        "step %d, phase %s: a learner rank died (%s); restarting the learners from %s",
+        step,
+        phase,
+        cause,
+        restored[0] if restored else "the start model (no checkpoint yet)",
+    )
+    system.learners = system.make_learners()
+    if restored:
+        loads = [learner.load_checkpoint.remote(str(restored[0])) for learner in system.learners]
+        wait(loads, config, "learner restart", step, "learners")
+    system.policy_version = restored_step
+    if config.cluster.resolved_weight_transport == "nccl":
+        open_weight_transfer(system, config, step)  # a new group, with the new rank 0 in it
+    push_weights(system, config, step)
+    system.replacements.append(
+        {
+            "step": step,
+            "phase": phase,
+            "role": "learner group",
+            "actor": "learners",
+            "restart": system.restarts["learner group"],
+            "restored_step": restored_step,
+            "steps_redone": max(0, steps_done - restored_step),
+            "cause": "a rank died",
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    return restored
 
 
 def update(
@@ -589,6 +780,12 @@ class SystemMonitor:
                     self.pending[role] = (actor.system_metrics.remote(), step)
                 except Exception as exc:  # a dead actor: its figures are skipped
                     log.debug("system metrics of %s not asked: %s", role, exc)
+
+    def go_on_with(self, tracker) -> None:
+        """Log to `tracker` from now on (a run that went back to a checkpoint), dropping the questions in
+        flight: they were asked at steps that will be trained again."""
+        self.tracker = tracker
+        self.pending.clear()
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait up to `timeout` seconds for the answers in flight and log them."""

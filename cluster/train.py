@@ -14,6 +14,10 @@ learners train (a queue of in-flight generations, `ahead`): a batch is generated
 before it was submitted, at most k updates older than those it trains, and the learners weigh its
 tokens by pi_old / mu (learner.off_policy_correction). k = 0 submits each batch just before it trains:
 generate, then train, in turn.
+
+A run heals itself (docs/reliability.md): a dead rollout worker or reward actor is replaced inside the
+call that found it (cluster/system.py); a dead learner rank sends the loop back to the newest
+checkpoint, in the same process (`restart_learners_and_rewind`).
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ from cluster import checkpoints
 from cluster.evaluation import SUMMARY_KEYS, evaluate
 from cluster.system import (
     Generation,
+    RemoteCallError,
     SystemMonitor,
     collect_generation,
     create_system,
+    is_dead_actor_call,
     push_weights,
+    restart_learners,
     restore_generation,
     sampled_versions,
     save_checkpoint,
+    score,
     start_ray,
     submit_generation,
     update,
@@ -144,31 +152,48 @@ def run(config) -> dict:
         learner_busy = deque(maxlen=config.train.max_staleness + 2)  # recent (start, end) of training
         # Steps are numbered from 1, as in the console, the errors, MLflow and the checkpoints.
         step_seconds: list[float] = []  # wall time of each step (evaluations and checkpoints apart)
-        for step in range(start_step + 1, config.train.steps + 1):
+        step = finished = start_step  # finished: the last step whose metrics are logged
+        while step < config.train.steps:
+            step += 1
             step_started = time.perf_counter()
-            # Queue the batches up to step + k: generated with the weights pushed so far (step - 1's),
-            # none trains more than k updates later.
-            while next_batch <= min(config.train.steps, step + config.train.max_staleness):
-                rows = [train_split[int(i)] for i in sampler.next_batch()]
-                ahead.append(submit_generation(system, config, next_batch, rows))
-                next_batch += 1
-            metrics = grpo_step(system, config, ahead.popleft(), prompt, tracker, learner_busy)
-            step_seconds.append(time.perf_counter() - step_started)
-            history.append({"step": step, **metrics})
-            print(step_line(step, config.train.steps, metrics, step_seconds), flush=True)
-            monitor.poll(step)
-            # A rollout worker runs its calls in order: the evaluation's come after the batches in flight
-            # and the push, so it scores the weights of this step without disturbing them.
-            if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
-                evaluations[step] = evaluate(system, config, eval_split, tracker, f"step{step}", step)
-            if config.checkpoint.every and step % config.checkpoint.every == 0:
-                save_checkpoint(system, config, step, sampler, tracker, list(ahead))
+            try:
+                # Queue the batches up to step + k: generated with the weights pushed so far (step - 1's),
+                # none trains more than k updates later.
+                while next_batch <= min(config.train.steps, step + config.train.max_staleness):
+                    rows = [train_split[int(i)] for i in sampler.next_batch()]
+                    ahead.append(submit_generation(system, config, next_batch, rows))
+                    next_batch += 1
+                metrics = grpo_step(system, config, ahead.popleft(), prompt, tracker, learner_busy)
+                finished = step
+                step_seconds.append(time.perf_counter() - step_started)
+                history.append({"step": step, **metrics})
+                print(step_line(step, config.train.steps, metrics, step_seconds), flush=True)
+                monitor.poll(step)
+                # A rollout worker runs its calls in order: the evaluation's come after the batches in
+                # flight and the push, so it scores the weights of this step without disturbing them.
+                if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
+                    evaluations[step] = evaluate(system, config, eval_split, tracker, f"step{step}", step)
+                if config.checkpoint.every and step % config.checkpoint.every == 0:
+                    save_checkpoint(system, config, step, sampler, tracker, list(ahead))
+            except RemoteCallError as exc:
+                if not is_dead_actor_call(exc, "learners"):
+                    raise
+                # A learner rank died: the learners start again from the newest checkpoint, and so do the
+                # data, the batches ahead, the logs and (if it holds later steps) the MLflow run.
+                back_to = restart_learners_and_rewind(
+                    system, config, exc, step, finished, sampler, ahead, history, evaluations
+                )
+                tracker = tracking_from(tracker, config, system, back_to, finished)
+                monitor.go_on_with(tracker)
+                step = finished = back_to
+                next_batch = step + 1 + len(ahead)
 
         monitor.flush()
         final = checkpoints.step_dir(Path(config.checkpoint.dir), config.train.steps)
         if not final.is_dir():
             final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
         after = evaluate(system, config, eval_split, tracker, "after", config.train.steps)
+        log_replacements(system, tracker)  # a rollout worker replaced during the evaluation
         evaluations[config.train.steps] = after
         curves = plot_training_curves(history, evaluations, output_dir / "training_curves.png")
         tracker.log_artifact(curves)
@@ -187,6 +212,49 @@ def run(config) -> dict:
         raise
     finally:
         ray.shutdown()
+
+
+def restart_learners_and_rewind(
+    system, config, exc, step, finished, sampler, ahead: deque, history: list, evaluations: dict
+) -> int:
+    """Restart the learner group from the newest verified checkpoint (`restart_learners`; none: the start
+    model) and put the loop's state back to that checkpoint's step: the data sampler, the batches
+    generated ahead (from the checkpoint), the step history, the evaluations after it and the
+    trained-images log. Returns that step; the loop goes on after it."""
+    from cluster.batches import SamplerState
+
+    restored = restart_learners(system, config, step, exc, finished)
+    folder, state = restored if restored else (None, {"step": 0, "sampler": vars(SamplerState())})
+    back_to = state["step"]
+    sampler.state = SamplerState(**state["sampler"])
+    ahead.clear()  # generated with the lost weights, or after them
+    if folder is not None:
+        ahead.extend(restore_generation(batch) for batch in checkpoints.read_in_flight(folder))
+    history[:] = [entry for entry in history if entry["step"] <= back_to]
+    for later in [s for s in evaluations if s > back_to]:
+        del evaluations[later]
+    checkpoints.forget_trained_images_after(config.train.output_dir, back_to)
+    print(
+        f"step {step}, phase {exc.phase}: a learner rank died; learners restarted from "
+        f"{folder or 'the start model (no checkpoint yet)'}, going on at step {back_to + 1} "
+        f"({max(0, finished - back_to)} finished step(s) redone)",
+        flush=True,
+    )
+    return back_to
+
+
+def tracking_from(tracker, config, system, back_to: int, finished: int):
+    """The tracker to go on with after the learners went back to step `back_to`: the same MLflow run
+    if it holds no later step (`finished` is the last it holds), else a new run carrying its history up
+    to `back_to` (as a resume does, so each step shows once); the replacements are logged (again, in a
+    new run)."""
+    from cluster.tracking import Tracker
+
+    if finished > back_to:
+        tracker = Tracker(config, resume=(tracker.run_id, back_to))
+        system.logged_replacements = 0
+    log_replacements(system, tracker)
+    return tracker
 
 
 def grpo_step(system, config, generation: Generation, prompt: str, tracker, learner_busy: deque) -> dict:
@@ -210,7 +278,7 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
     overlap = overlap_seconds(generating, list(learner_busy))
     with timer("reward"):
         texts = [[c.text for c in rollout.completions] for rollout in rollouts]
-        rewards = wait(system.reward.score.remote(ids, texts), config, "reward", step, "reward actor")
+        rewards = score(system, config, ids, texts, step)
     advantages = group_advantages(torch.tensor(rewards.total), config.learner.advantage)
     started = time.time()
     with timer("train"):
@@ -247,6 +315,9 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
         "async/staleness_mean": sum(staleness) / len(staleness),
         "async/staleness_max": max(staleness),
         "events/rollout_worker_restarts": system.rollout_restarts,
+        "events/reward_restarts": system.restarts.get("reward actor", 0),
+        "events/learner_restarts": system.restarts.get("learner group", 0),
+        "events/steps_redone": sum(event["steps_redone"] for event in system.replacements),
         "events/regenerated_batches": system.regenerated_batches,
     }
     if config.train.verify_weight_sync:
@@ -262,20 +333,18 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
 
 
 def log_replacements(system, tracker) -> None:
-    """Each rollout-worker replacement not logged yet as the MLflow tag `events.rollout_replacement.<n>`
-    (its step, phase, worker, restart, seed and cause, as JSON), and the worker's seed now as
-    `rollout.worker_<i>.seed`."""
+    """Each replacement not logged yet as the MLflow tag `events.replacement.<n>` (its step, phase, role,
+    actor, restart, steps redone and cause, as JSON; a rollout worker's with its index and seed, and
+    that seed as `rollout.worker_<i>.seed`)."""
     import json
 
     for number, event in enumerate(system.replacements, start=1):
         if number <= system.logged_replacements:
             continue
-        tracker.set_tags(
-            {
-                f"events.rollout_replacement.{number}": json.dumps(event, sort_keys=True),
-                f"rollout.worker_{event['worker']}.seed": str(event["seed"]),
-            }
-        )
+        tags = {f"events.replacement.{number}": json.dumps(event, sort_keys=True)}
+        if "worker" in event:
+            tags[f"rollout.worker_{event['worker']}.seed"] = str(event["seed"])
+        tracker.set_tags(tags)
     system.logged_replacements = len(system.replacements)
 
 

@@ -133,24 +133,42 @@ class RolloutConfig(Section):
     seed: int | None = None
     # Forbid sampling <|image_pad|> and the other vision special tokens (they crash the learner's forward).
     suppress_vision_tokens: bool = True
-    # Only 1: a rollout worker holds one placement bundle of cluster.rollout.num_gpus, and nothing
-    # places the extra vLLM workers a tensor-parallel engine needs (Qwen2.5-VL-7B fits one GPU).
+    # vLLM workers (ranks) of each engine, one per GPU of the rollout worker's bundle
+    # (cluster.rollout.num_gpus must equal it), or on a CPU one per core of the worker's cores.
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0)
     kv_cache_gib: float = Field(1.0, gt=0.0, description="CPU KV cache size")
     enforce_eager: bool = False
     # In-process engine: much faster start-up, fine for one engine per process.
     in_process_engine: bool = True
+    # Each training batch sampled with per-request seeds drawn from (rollout.seed, step): a batch
+    # generated again (a replaced worker, a restart from a checkpoint, a resume) gets the same
+    # completions, in either engine. Off by default: vLLM 0.32's CPU runner fails on seeded batches whose
+    # prefill is split into chunks (large batches, "CPU Generator does not use offset").
+    reproducible_batches: bool = False
 
-    @model_validator(mode="after")
-    def _check(self) -> RolloutConfig:
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={self.tensor_parallel_size} is not supported: each rollout "
-                "worker holds one placement bundle (cluster.rollout.num_gpus) and its engine runs on that "
-                "one GPU; use tensor_parallel_size=1 and more rollout.num_workers"
+
+def tensor_parallel_problem(hf_config: dict, tensor_parallel_size: int) -> str | None:
+    """Why a checkpoint's config.json (as a dict) cannot be split over `tensor_parallel_size` vLLM
+    ranks, or None: each rank holds whole attention heads and whole KV heads of the language model, and
+    vLLM splits the vision tower's heads the same way."""
+    if tensor_parallel_size == 1:
+        return None
+    text = hf_config.get("text_config") or hf_config  # transformers 5 nests it; older files do not
+    heads = {
+        "attention heads (num_attention_heads)": text.get("num_attention_heads"),
+        "KV heads (num_key_value_heads)": text.get("num_key_value_heads", text.get("num_attention_heads")),
+        "vision attention heads (vision_config.num_heads)": (hf_config.get("vision_config") or {}).get(
+            "num_heads"
+        ),
+    }
+    for what, count in heads.items():
+        if count is not None and count % tensor_parallel_size:
+            return (
+                f"rollout.tensor_parallel_size={tensor_parallel_size} does not divide the model's {count} "
+                f"{what}: every vLLM rank must hold whole heads"
             )
-        return self
+    return None
 
 
 class RewardConfig(Section):
@@ -179,6 +197,43 @@ class RewardConfig(Section):
         if self.fidelity_weight == 0 and self.format_weight == 0:
             raise ValueError(
                 "reward.fidelity_weight and reward.format_weight are both 0: nothing to learn from"
+            )
+        return self
+
+
+# The language model's attention and MLP projections (Hugging Face module names), LoRA's default targets.
+LANGUAGE_MODEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """learner.lora: train low-rank adapters (peft) instead of the whole model (learner/lora.py)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0, description="the update is (alpha / rank) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the adapter's input, training forward only")
+    # Projections of every language-model layer that get an adapter (a subset of LANGUAGE_MODEL_PROJECTIONS).
+    target_modules: list[str] = Field(default_factory=lambda: list(LANGUAGE_MODEL_PROJECTIONS))
+    # Opt-in: the vision tower's blocks (attention qkv/proj and MLP), and the patch merger's MLP.
+    vision_tower: bool = False
+    merger: bool = False
+    # How the rollout engines get the trained policy: "merged" pushes W + (alpha / rank) B A of each
+    # adapted module under the base weight's name; "adapter" would load the adapter into vLLM
+    # (LoRARequest), not built yet.
+    push: Literal["merged", "adapter"] = "merged"
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        unknown = sorted(set(self.target_modules) - set(LANGUAGE_MODEL_PROJECTIONS))
+        if unknown or not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(
+                f"learner.lora.target_modules={self.target_modules}: give distinct names out of "
+                f"{list(LANGUAGE_MODEL_PROJECTIONS)} (the language model's projections; the vision tower "
+                "and merger are learner.lora.vision_tower / learner.lora.merger)"
+            )
+        if self.push == "adapter":
+            raise ValueError(
+                "learner.lora.push=adapter (the adapter loaded into vLLM as a LoRARequest) is not built yet: "
+                "use learner.lora.push=merged, which pushes the merged weights of the adapted modules"
             )
         return self
 
@@ -213,6 +268,8 @@ class LearnerConfig(Section):
     # max_staleness >= 1.
     off_policy_correction: Literal["none", "tis"] | None = None
     tis_cap: float = Field(2.0, gt=0.0)
+    # null: full fine-tuning; a section: LoRA adapters only, on the same ZeRO stages (learner/lora.py).
+    lora: LoraConfig | None = None
 
 
 class PlacementConfig(Section):
@@ -235,7 +292,9 @@ class ClusterConfig(Section):
     learner: PlacementConfig = Field(default_factory=PlacementConfig)
     reward: PlacementConfig = Field(default_factory=lambda: PlacementConfig(num_cpus=0.0))
     call_timeout_s: float = Field(600.0, gt=0.0)
-    max_worker_restarts: int = Field(3, ge=0)
+    # Replacements allowed per role and run, each role counted apart: rollout workers (each replaced
+    # worker counts), the reward actor, the learner group (all ranks restarted from the newest checkpoint).
+    max_restarts: int = Field(3, ge=0)
     # How the learners' weights reach vLLM each step: "object_store" (safetensors buckets through Ray, works
     # anywhere), "nccl" (GPU to GPU broadcast, vLLM's weight-transfer API), "auto" (nccl when rollout
     # workers and learners each have whole GPUs: NCCL cannot put two ranks on one GPU).
@@ -344,6 +403,12 @@ class Config(Section):
                 "learner.share_prompt_forward needs the KV cache, which model.gradient_checkpointing "
                 "switches off: set learner.share_prompt_forward=false or model.gradient_checkpointing=false"
             )
+        lora = self.learner.lora
+        if lora is not None and lora.vision_tower and self.model.freeze_vision:
+            raise ValueError(
+                "learner.lora.vision_tower=true puts adapters on the vision tower, which model.freeze_vision=true "
+                "freezes: set one of them to false"
+            )
         if self.learner.off_policy_correction is None:
             self.learner.off_policy_correction = "tis" if self.train.max_staleness >= 1 else "none"
         rollout = self.rollout
@@ -361,4 +426,33 @@ class Config(Section):
                 f"train.images_per_step ({self.train.images_per_step}) < rollout.num_workers "
                 f"({self.rollout.num_workers}): some rollout workers would get no image"
             )
+        self._check_tensor_parallel()
         return self
+
+    def _check_tensor_parallel(self) -> None:
+        """Room for a tensor-parallel engine's ranks: its worker's bundle holds one GPU per rank, or its
+        pinned cores one core per rank (unpinned CPU workers: actor.rollout_engine checks the cores it
+        gets); heads split evenly (the checkpoint named by model.path; presets: at engine start)."""
+        tp = self.rollout.tensor_parallel_size
+        if tp == 1:
+            return
+        placement = self.cluster.rollout
+        if placement.num_gpus and placement.num_gpus != tp:
+            raise ValueError(
+                f"cluster.rollout.num_gpus={placement.num_gpus:g} with rollout.tensor_parallel_size={tp}: "
+                "a rollout worker's bundle holds one GPU per vLLM rank of its engine; set "
+                f"cluster.rollout.num_gpus={tp}"
+            )
+        if not placement.num_gpus and placement.cpu_affinity is not None and len(placement.cpu_affinity) < tp:
+            raise ValueError(
+                f"cluster.rollout.cpu_affinity={placement.cpu_affinity} gives {len(placement.cpu_affinity)} "
+                f"core(s) for rollout.tensor_parallel_size={tp}: each vLLM rank needs a core of its own"
+            )
+        if self.model.path is not None:
+            config_file = Path(self.model.path).expanduser() / "config.json"
+            if config_file.is_file():
+                import json
+
+                problem = tensor_parallel_problem(json.loads(config_file.read_text()), tp)
+                if problem is not None:
+                    raise ValueError(f"{config_file}: {problem}")

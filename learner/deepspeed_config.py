@@ -129,8 +129,8 @@ def reference_config(policy_config: dict) -> dict:
 
 
 class _Zero3Loading:
-    """What transformers' DeepSpeed hook reads while a model loads (HfDeepSpeedConfig would do, but it
-    needs accelerate, which this project does not install): the config and that it is ZeRO-3."""
+    """What transformers' DeepSpeed hook reads while a model loads: the config and that it is ZeRO-3
+    (HfDeepSpeedConfig would do as well, through accelerate, which came in later with peft)."""
 
     def __init__(self, config: dict) -> None:
         self.config = config

@@ -14,6 +14,7 @@ cluster.call_timeout_s, not torch's 10-minute default.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -27,11 +28,14 @@ from configs.runtime_env import apply_default_env, cpu_affinity_env, pin_from_en
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
 from learner.grpo import grpo_loss, off_policy_metrics, off_policy_sums
+from learner.lora import merged_state_dict, push_plan, pushed_tensors, scaling
 from learner.policy import (
     PolicySample,
+    apply_lora,
     build_micro_batches,
     checkpoint_names,
     completion_logprobs,
+    eval_mode,
     load_policy_model,
     pad_token,
     sequence_logprobs,
@@ -43,6 +47,8 @@ from vlm.weight_sync import WeightMeta, require_own_gpu, serialize_buckets
 # folder itself holds the policy in Hugging Face format.
 ENGINE_STATE_DIR = "deepspeed"
 ENGINE_STATE_TAG = "state"
+# With learner.lora, the adapter alone in peft's format (beside the merged policy) in this subfolder.
+ADAPTER_DIR = "adapter"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
@@ -190,6 +196,10 @@ class LearnerWorker:
         )
         partitioned_at_load = zero3 and all(hasattr(p, "ds_id") for p in policy.parameters())
         self.checkpoint_names = checkpoint_names(policy)
+        self.push_plan = None  # with LoRA: the tensors a merged push sends (learner.lora.push_plan)
+        if learner.lora is not None:
+            policy = apply_lora(policy, learner.lora)
+            self.push_plan = push_plan([name for name, _ in policy.named_parameters()])
         trainable = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
             model=policy,
@@ -200,7 +210,8 @@ class LearnerWorker:
         self.processor = load_processor(model_path, model.min_pixels, model.max_pixels)
         self.pad_token_id = pad_token(self.processor)
         self.reference = None
-        if learner.beta > 0:
+        # With LoRA the reference is the policy with its adapter disabled: no second model.
+        if learner.beta > 0 and learner.lora is None:
             reference_zero3 = reference_config(self.config) if zero3 else None
             reference = load_policy_model(
                 model_path, model, dtype, trainable=False, zero3_config=reference_zero3
@@ -264,7 +275,7 @@ class LearnerWorker:
             # With one update per batch the policy has not moved yet: old log-probs are the current
             # ones (ratio 1), taken from the training forward itself instead of an extra pass.
             old = self._logprobs(engine, batches) if num_iterations > 1 else None
-            reference = self._logprobs(self.reference, batches) if self.reference is not None else None
+            reference = self._reference_logprobs(batches)
         logprob_seconds = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -311,18 +322,19 @@ class LearnerWorker:
         temperature 1.0 gives the raw model distribution, the one vLLM reports log-probs of.
         """
         engine = self._require_setup()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(engine):
             logp, mask = sequence_logprobs(
                 engine, self.processor, samples, self.config["train_micro_batch_size_per_gpu"], temperature
             )
         return [row[row_mask].tolist() for row, row_mask in zip(logp, mask, strict=True)]
 
     def serialized_weights(self, bucket_bytes: int) -> list[bytes]:
-        """The trainable weights under their checkpoint names as safetensors blobs on rank 0 ([] elsewhere).
+        """The pushed weights (`_pushed_weights`) under their checkpoint names as safetensors blobs on rank 0
+        ([] elsewhere).
 
         Every rank must call it: under ZeRO-3 the parameters are gathered group by group.
         """
-        weights = self._full_trainable_weights(bucket_bytes)
+        weights = self._pushed_weights(bucket_bytes)
         if self.rank == 0:
             return serialize_buckets(weights, bucket_bytes)
         for _ in weights:
@@ -352,7 +364,7 @@ class LearnerWorker:
         engine = self._require_setup()
         self.close_weight_transfer()
         self.weight_sender = NcclWeightSender(
-            lambda: self._full_trainable_weights(self.learner.weight_bucket_bytes, device=engine.device),
+            lambda: self._pushed_weights(self.learner.weight_bucket_bytes, device=engine.device),
             self.weight_metadata(),
             rollout_handles,
             rank=self.rank,
@@ -363,7 +375,7 @@ class LearnerWorker:
         )
 
     def send_weights(self) -> None:
-        """GPU: broadcast the trainable weights into every rollout worker. Every rank must call it."""
+        """GPU: broadcast the pushed weights into every rollout worker. Every rank must call it."""
         if self.weight_sender is None:
             raise RuntimeError(f"learner rank {self.rank}: call open_weight_transfer() first")
         self.weight_sender.push()
@@ -374,14 +386,24 @@ class LearnerWorker:
             self.weight_sender = None
 
     def save_checkpoint(self, directory: str | Path) -> str:
-        """The policy in HF format (+ processor) from rank 0, DeepSpeed's engine state from all ranks."""
+        """The policy in HF format (+ processor) from rank 0, DeepSpeed's engine state from all ranks.
+
+        With LoRA the HF folder holds the merged policy (what vLLM, `vqr1 score` and `vqr1 eval` load)
+        and its `adapter/` subfolder the adapter alone in peft's format (loads over the base model).
+        """
         engine = self._require_setup()
         directory = Path(directory)
         # Under ZeRO-3 every rank takes part in the gather; rank 0 receives the full state dict.
         state_dict = engine._zero3_consolidated_16bit_state_dict() if self.learner.zero_stage == 3 else None
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
-            engine.module.save_pretrained(directory, state_dict=state_dict)
+            if self.learner.lora is None:
+                engine.module.save_pretrained(directory, state_dict=state_dict)
+            else:
+                peft_state = engine.module.state_dict() if state_dict is None else state_dict
+                merged = merged_state_dict(peft_state, scaling(self.learner.lora))
+                engine.module.get_base_model().save_pretrained(directory, state_dict=merged)
+                engine.module.save_pretrained(directory / ADAPTER_DIR, state_dict=peft_state)
             self.processor.save_pretrained(directory)
         engine.save_checkpoint(str(directory / ENGINE_STATE_DIR), tag=ENGINE_STATE_TAG)
         torch.distributed.barrier()
@@ -402,7 +424,18 @@ class LearnerWorker:
         return self.engine
 
     def _logprobs(self, model, batches) -> list[torch.Tensor]:
-        return [self._completion_logprobs(model, batch)[0] for batch in batches]
+        with eval_mode(model):
+            return [self._completion_logprobs(model, batch)[0] for batch in batches]
+
+    def _reference_logprobs(self, batches) -> list[torch.Tensor] | None:
+        """Log-probs under the reference: the frozen copy, or with LoRA the policy with its adapter off
+        (B starts at zero, so before the first update they equal the policy's bit for bit)."""
+        if self.reference is not None:
+            return self._logprobs(self.reference, batches)
+        if self.learner.beta == 0:
+            return None
+        with self.engine.module.disable_adapter():
+            return self._logprobs(self.engine, batches)
 
     def _completion_logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logprobs(
@@ -413,12 +446,48 @@ class LearnerWorker:
         return [(name, p) for name, p in self._require_setup().module.named_parameters() if p.requires_grad]
 
     def weight_metadata(self) -> list[WeightMeta]:
-        """(checkpoint name, dtype, full shape) of each trainable parameter, in the order they are sent;
-        read without a gather (under ZeRO-3 a parameter's own shape is that of its empty placeholder)."""
+        """(checkpoint name, dtype, full shape) of each pushed tensor, in the order they are sent; read
+        without a gather (under ZeRO-3 a parameter's own shape is that of its empty placeholder)."""
+        if self.push_plan is not None:
+            params = dict(self._require_setup().module.named_parameters())
+            shown = [(item.name, params[item.base]) for item in self.push_plan]
+        else:
+            shown = self._trainable_parameters()
         return [
             (self.checkpoint_names[name], p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
-            for name, p in self._trainable_parameters()
+            for name, p in shown
         ]
+
+    def _pushed_weights(
+        self, group_bytes: int, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """What the rollout engines load: the trainable parameters, or with LoRA the merged weights of the
+        adapted layers (`_merged_weights`)."""
+        if self.push_plan is not None:
+            return self._merged_weights(group_bytes, device)
+        return self._full_trainable_weights(group_bytes, device)
+
+    def _merged_weights(
+        self, group_bytes: int, device: str | torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor on `device`) of each tensor of the push plan, adapted weights merged
+        out of place; yields only on rank 0, every rank must iterate it (ZeRO-3 gathers by group)."""
+        import deepspeed
+
+        params = dict(self._require_setup().module.named_parameters())
+        scale = scaling(self.learner.lora)
+        planned = [(item, params[item.base]) for item in self.push_plan]
+        for group in _groups_by_size(planned, group_bytes):
+            sources = {name: params[name] for item, _ in group for name in item.sources}
+            gathered = (
+                deepspeed.zero.GatheredParameters(list(sources.values()))
+                if self.learner.zero_stage == 3
+                else contextlib.nullcontext()
+            )
+            with gathered:
+                if self.rank == 0:
+                    for name, tensor in pushed_tensors([item for item, _ in group], sources, scale):
+                        yield self.checkpoint_names[name], tensor.detach().to(device, copy=True)
 
     def _full_trainable_weights(
         self, group_bytes: int, device: str | torch.device = "cpu"

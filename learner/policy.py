@@ -9,13 +9,13 @@ and only their micro-batch concatenates pixel values per sequence, as Qwen2.5-VL
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from configs.schema import ModelConfig
+from configs.schema import LoraConfig, ModelConfig
 from iqa.images import ImageInput, load_image
 from learner.grpo import token_logprobs
 
@@ -203,7 +203,7 @@ def shared_prompt_logprobs(
     """
     from transformers import DynamicCache
 
-    hf_model = _module(model)
+    hf_model = _hf_model(model)
     if getattr(hf_model, "is_gradient_checkpointing", False) and hf_model.training:
         raise ValueError("shared-prompt log-probs need the KV cache, which gradient checkpointing disables")
     device = next(iter(hf_model.parameters())).device
@@ -310,6 +310,12 @@ def _module(model) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def _hf_model(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine and / or a peft wrapper (adapters injected)."""
+    module = _module(model)
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
 def vision_tower(model) -> torch.nn.Module:
     """The vision encoder (patch embedding, blocks and merger) of a Qwen2-VL / Qwen2.5-VL model."""
     visual = getattr(getattr(model, "model", None), "visual", None)
@@ -355,6 +361,47 @@ def load_policy_model(
     # Train mode only switches gradient checkpointing on (Qwen2.5-VL has no dropout), so old, new
     # and reference log-probs come from the same computation.
     return model.train()
+
+
+# The adapters' initial A (B starts at zero) drawn from this seed: the same on every rank and every run.
+LORA_INIT_SEED = 0
+
+
+def apply_lora(model, lora: LoraConfig):
+    """Wrap a loaded policy with peft LoRA adapters on `lora`'s target modules: only the adapters train
+    (peft freezes the rest). B starts at zero, so the wrapped model computes exactly the base model's
+    outputs until the first update, and with its adapter disabled (`peft_model.disable_adapter()`) it is
+    the reference model. Under ZeRO-3 the adapters are created whole and DeepSpeed partitions them when
+    it wraps the model."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from learner.lora import ADAPTER_NAME, target_modules_pattern
+
+    peft_config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules_pattern(lora),
+        bias="none",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LORA_INIT_SEED)
+        peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER_NAME)
+    return peft_model
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Eval mode inside (LoRA dropout off: the log-probs of the model vLLM samples from), the previous
+    mode restored after. Qwen2.5-VL itself has no dropout."""
+    module = _module(model)
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:

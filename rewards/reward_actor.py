@@ -37,15 +37,20 @@ class RewardWorker:
     def __init__(self, config: RewardConfig, labels: Mapping[str, tuple[float, str]], seed: int = 0):
         self.config = config
         self.labels = permute_within_datasets(labels, seed) if config.permute_labels else dict(labels)
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
-    def score(self, image_ids: Sequence[str], completions: Sequence[Sequence[str]]) -> BatchRewards:
+    def score(
+        self, image_ids: Sequence[str], completions: Sequence[Sequence[str]], step: int
+    ) -> BatchRewards:
+        """The batch of step `step`. Its random draws (reward.on_parse_failure=random) come from a stream of
+        (seed, step), so a step scored again, by this actor or a replacement, gets the same rewards."""
         missing = [i for i in image_ids if i not in self.labels]
         if missing:
             raise KeyError(f"reward actor has no label for image ids {missing[:5]}")
         mos = [self.labels[i][0] for i in image_ids]
         datasets = [self.labels[i][1] for i in image_ids]
-        return batch_rewards(completions, mos, datasets, self.config, rng=self.rng)
+        rng = np.random.default_rng([self.seed, step])
+        return batch_rewards(completions, mos, datasets, self.config, rng=rng)
 
     def ping(self) -> bool:
         return True

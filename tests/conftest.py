@@ -145,3 +145,25 @@ def watched_train_run(tmp_path_factory, tiny_overrides) -> WatchedRun:
     for reader in readers:
         reader.join(timeout=30)
     return WatchedRun(process.returncode, "".join(out), "".join(err), samples, tmp_path)
+
+
+def policy_shards(processor, world_size: int) -> list[tuple[list, list[list[float]]]]:
+    """Per learner rank: two images (two sizes) with two completions each (ragged lengths) and their
+    advantages, a positive and a negative completion per image as group-normalised advantages come out."""
+    import numpy as np
+    from PIL import Image
+
+    from learner.policy import PolicySample
+    from vlm.prompts import build_prompt_text
+
+    prompt = build_prompt_text(processor, thinking=True)
+    rng = np.random.default_rng(0)
+    shards = []
+    for rank in range(world_size):
+        samples = []
+        for height, width in [(84, 112), (112, 112)]:
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            completions = [rng.integers(20, 500, n).tolist() for n in rng.integers(2, 9, size=2)]
+            samples.append(PolicySample(Image.fromarray(pixels), prompt, completions))
+        shards.append((samples, [[1.0, -1.0], [-0.5, 0.5]] if rank == 0 else [[0.8, -0.8], [1.2, -1.2]]))
+    return shards

@@ -126,7 +126,11 @@ def test_k0_reproduces_a_plain_synchronous_loop_metric_for_metric(first_run):
             rollouts = generate(system, config, images, step)
             texts = [[c.text for c in r.completions] for r in rollouts]
             rewards = wait(
-                system.reward.score.remote([row["id"] for row in rows], texts), config, "reward", step, ""
+                system.reward.score.remote([row["id"] for row in rows], texts, step),
+                config,
+                "reward",
+                step,
+                "",
             )
             advantages = group_advantages(torch.tensor(rewards.total), config.learner.advantage)
             learner = update(system, config, images, prompt, rollouts, advantages, step)

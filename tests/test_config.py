@@ -62,8 +62,6 @@ def test_fidelity_with_one_generation_is_rejected():
         ("cluster.placement=everywhere", "placement"),
         ("cluster.weight_transport=nccl", "weight_transport=nccl needs whole GPUs"),
         ("model.gradient_checkpointing=true", "share_prompt_forward needs the KV cache"),
-        # Each rollout worker holds one bundle of one GPU: nothing would place a TP engine's workers.
-        ("rollout.tensor_parallel_size=2", "tensor_parallel_size=2 is not supported"),
     ],
 )
 def test_impossible_combinations_are_rejected(override, message):

@@ -131,7 +131,15 @@ def immediate_wait(monkeypatch):
 def fake_system(log: list, dead_worker: bool = False) -> System:
     workers = [FakeActor("rollout0", log), FakeActor("rollout1", log, dead=dead_worker)]
     learners = [FakeActor(f"learner{r}", log, {"rendezvous_address": ("10.0.0.1", 29500)}) for r in range(2)]
-    return System(workers, None, learners, None, lambda i: FakeActor(f"replacement{i}", log))
+    return System(
+        workers,
+        None,
+        learners,
+        None,
+        make_rollout_worker=lambda i: FakeActor(f"replacement{i}", log),
+        make_reward=None,
+        make_learners=None,
+    )
 
 
 def test_the_transfer_group_reopens_after_every_worker_answers_and_the_old_group_is_shut(immediate_wait):

@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from configs.runtime_env import apply_default_env
@@ -20,6 +18,7 @@ from configs.runtime_env import apply_default_env
 apply_default_env()
 
 import ray  # noqa: E402
+from conftest import policy_shards  # noqa: E402
 
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig, RewardConfig  # noqa: E402
 from learner.grpo import group_advantages, grpo_loss  # noqa: E402
@@ -27,7 +26,6 @@ from learner.learner_actor import create_learner_group  # noqa: E402
 from learner.policy import PolicySample, checkpoint_names, load_policy_model, sequence_logprobs  # noqa: E402
 from rewards.batch import batch_rewards  # noqa: E402
 from vlm.factory import build_checkpoint, load_processor  # noqa: E402
-from vlm.prompts import build_prompt_text  # noqa: E402
 from vlm.weight_sync import iterate_buckets  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -60,19 +58,7 @@ def processor(checkpoint):
 
 @pytest.fixture(scope="module")
 def shards(processor):
-    """Per rank: two images with two completions each (ragged lengths, two image sizes), and advantages."""
-    prompt = build_prompt_text(processor, thinking=True)
-    rng = np.random.default_rng(0)
-    shards = []
-    for rank in range(WORLD_SIZE):
-        samples = []
-        for height, width in [(84, 112), (112, 112)]:
-            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-            completions = [rng.integers(20, 500, n).tolist() for n in rng.integers(2, 9, size=2)]
-            samples.append(PolicySample(Image.fromarray(pixels), prompt, completions))
-        # A positive and a negative completion per image, as group-normalised advantages come out.
-        shards.append((samples, [[1.0, -1.0], [-0.5, 0.5]] if rank == 0 else [[0.8, -0.8], [1.2, -1.2]]))
-    return shards
+    return policy_shards(processor, WORLD_SIZE)
 
 
 def batch_totals(shards) -> tuple[int, int]:

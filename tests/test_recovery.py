@@ -187,3 +187,90 @@ def test_the_learner_group_listens_on_loopback_only_and_times_out_after_call_tim
     _, timeout, listening = line.split()
     assert float(timeout) == 42.0
     assert listening.split(",") == ["127.0.0.1", "127.0.0.1"]  # the store and gloo's pair listener
+
+
+# --- the restart budget ------------------------------------------------------------------------------
+
+
+def test_each_role_has_its_own_restart_budget_and_a_crash_loop_ends_naming_the_limit():
+    from cluster.system import use_restarts
+
+    config = load_config("cpu-tiny", ["cluster.max_restarts=2"])
+    system = SimpleNamespace(restarts={})
+    cause = RuntimeError("killed")
+    use_restarts(
+        system, config, "rollout worker", 2, "step 3, phase generate: rollout worker(s) [0, 1]", cause
+    )
+    use_restarts(system, config, "reward actor", 1, "step 3, phase reward: the reward actor", cause)
+    use_restarts(system, config, "learner group", 2, "step 4, phase update: a learner rank", cause)
+    assert system.restarts == {"rollout worker": 2, "reward actor": 1, "learner group": 2}
+    with pytest.raises(RemoteCallError) as info:
+        use_restarts(
+            system, config, "rollout worker", 1, "step 5, phase weight push: rollout worker(s) [0]", cause
+        )
+    assert str(info.value) == (
+        "step 5, phase weight push: rollout worker(s) [0] died and the cluster.max_restarts=2 "
+        "replacements of the rollout worker in this run are used up"
+    )
+    assert info.value.__cause__ is cause
+    assert system.restarts["rollout worker"] == 2  # a refused replacement is not counted
+    use_restarts(system, config, "reward actor", 1, "step 5, phase reward: the reward actor", cause)
+    with pytest.raises(RemoteCallError, match=r"cluster.max_restarts=0 replacements of the reward actor"):
+        use_restarts(
+            SimpleNamespace(restarts={}),
+            load_config("cpu-tiny", ["cluster.max_restarts=0"]),
+            "reward actor",
+            1,
+            "step 1, phase reward: the reward actor",
+            cause,
+        )
+
+
+def test_a_dead_actor_call_is_told_apart_by_the_actor_it_went_to():
+    from cluster.system import is_dead_actor_call
+
+    def failed(actor: str, cause: BaseException) -> RemoteCallError:
+        try:
+            raise RemoteCallError(f"step 2, phase update: {actor} died", actor, "update") from cause
+        except RemoteCallError as exc:
+            return exc
+
+    dead = ray.exceptions.RayActorError()
+    assert is_dead_actor_call(failed("learners", dead), "learners")
+    assert not is_dead_actor_call(failed("learners", dead), "reward actor")
+    assert not is_dead_actor_call(failed("learners", ray.exceptions.GetTimeoutError()), "learners")
+    assert not is_dead_actor_call(ValueError("learners"), "learners")
+
+
+class RecordingWorker:
+    """A rollout worker handle whose generate.remote records the images and request seed it was sent."""
+
+    def __init__(self, calls: list) -> None:
+        self.generate = SimpleNamespace(remote=lambda images, n, seed=None: calls.append((images, n, seed)))
+
+
+def test_a_reproducible_batch_seeds_each_sample_alike_however_the_images_are_sharded():
+    """rollout.reproducible_batches: sample k of image i of step s's batch gets batch_seed(seed, s) +
+    i * G + k (the engine adds i * G + k within a call) whether one worker draws the batch or three."""
+    from cluster.system import Generation, _submit, batch_seed
+
+    images = [bytes([i]) for i in range(7)]
+    config = load_config("cpu-tiny", ["rollout.reproducible_batches=true", "rollout.seed=3"])
+    n = config.rollout.num_generations
+    first = batch_seed(3, 5)
+    assert len({batch_seed(3, s) for s in range(1, 50)}) == 49 and batch_seed(4, 5) != first
+    for workers in (1, 3):
+        calls = []
+        system = SimpleNamespace(rollout_workers=[RecordingWorker(calls) for _ in range(workers)])
+        _submit(system, config, Generation(step=5, rows=[], images=images))
+        sent = [
+            (image, seed + i * n + k)
+            for shard, _, seed in calls
+            for i, image in enumerate(shard)
+            for k in range(n)
+        ]
+        assert sent == [(image, first + i * n + k) for i, image in enumerate(images) for k in range(n)]
+    unseeded = load_config("cpu-tiny")
+    calls = []
+    _submit(SimpleNamespace(rollout_workers=[RecordingWorker(calls)]), unseeded, Generation(5, [], images))
+    assert calls[0][2] is None  # the default: the engine's own stream

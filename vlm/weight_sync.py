@@ -7,7 +7,9 @@ CPU (and any machine without CUDA) -- bytes through the control plane:
     learner: `serialize_buckets(model.named_parameters())` -> list of safetensors blobs (<= 64 MiB each,
              no pickle) -> `RolloutEngine.update_weights(buckets)` (via Ray when remote).
     engine:  `LLM.collective_rpc("load_weight_buckets", buckets)` runs `WeightSyncExtension` on every
-             vLLM worker, which feeds `iterate_buckets(buckets)` to the worker's `reload_weights`.
+             vLLM worker, which feeds `iterate_buckets(buckets)` to the worker's `reload_weights`. A
+             tensor-parallel engine has a worker per rank: each gets the full tensors, and vLLM's loaders
+             keep that rank's shard.
     The reload path matters: the CPU linear layers prepack their weights and drop `layer.weight`, so a
     direct `model.load_weights` leaves the old weights in use; `reload_weights` re-runs post-load processing.
 
@@ -18,7 +20,9 @@ GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     group down on both sides before reopening it for a replaced worker), and each push runs `start_weight_update` / `update_weights` (packed bucketed broadcast from
     rank 0, received by the workers concurrently) / `finish_weight_update` through
     `RolloutWorkersClient`, which drives the Ray rollout actors; the other ranks take part in the ZeRO-3
-    gathers only. Tensors go GPU to GPU, never through host memory. The caches are reset by
+    gathers only. Every vLLM worker is a rank of the group: a tensor-parallel engine's workers take
+    ranks rank_offset + (their rank in the engine), vLLM's `worker_init_process_group`, so engine i
+    gets rank_offset 1 + i * tensor_parallel_size; each receives the full broadcast and loads its shard. Tensors go GPU to GPU, never through host memory. The caches are reset by
     `RolloutEngine.finish_weight_update`. This path cannot run on the CPU machines this project is
     tested on (vLLM's broadcast code needs CUDA streams even with NCCL replaced); there only the
     announced metadata is tested against what the bucket path pushes.
@@ -95,9 +99,6 @@ class WeightSyncExtension:
 
         self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         return loaded
-
-
-WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,34 +220,39 @@ class NcclWeightSender:
 
 
 # ---------------------------------------------------------------------------------------------------
-# One GPU per actor: both transports (and the learners' ZeRO group) put one NCCL rank on each GPU.
+# Own GPUs per actor: both transports (and the learners' ZeRO group) put one NCCL rank on each GPU.
 # ---------------------------------------------------------------------------------------------------
 
 
-def gpu_visibility_problem(assigned: list, cuda_visible_devices: str | None, device_count: int) -> str | None:
-    """Why a GPU actor would not work on the GPU Ray gave it, or None when it sees exactly that one.
+def gpu_visibility_problem(
+    assigned: list, cuda_visible_devices: str | None, device_count: int, devices: int = 1
+) -> str | None:
+    """Why a GPU actor would not work on the GPUs Ray gave it, or None when it sees exactly those.
 
-    assigned: `ray.get_gpu_ids()` (empty for a CPU actor: nothing to check). Every actor works on cuda:0,
-    which is its own GPU only because Ray narrows CUDA_VISIBLE_DEVICES to it. Containers that set
+    assigned: `ray.get_gpu_ids()` (empty for a CPU actor: nothing to check); devices: how many GPUs the
+    actor works on (a learner rank 1, a rollout worker its engine's tensor_parallel_size). Every actor
+    works on cuda:0 ... cuda:devices-1, which are its own GPUs only because Ray narrows
+    CUDA_VISIBLE_DEVICES to them: vLLM's multiprocessing workers take cuda:<local rank> in that list
+    (vllm/v1/worker/gpu_worker.py, init_device). Containers that set
     RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES leave all GPUs visible, so every engine and learner rank
-    of a node would pile onto the node's first GPU.
+    of a node would pile onto the node's first GPUs.
     """
     if not assigned:
         return None
     ids = [str(i) for i in assigned]
     visible = None if cuda_visible_devices is None else [d.strip() for d in cuda_visible_devices.split(",")]
-    if len(ids) == 1 and device_count == 1 and visible in (None, ids):
+    if len(ids) == devices == device_count and (visible == ids or (visible is None and devices == 1)):
         return None
     shown = "unset" if cuda_visible_devices is None else repr(cuda_visible_devices)
     return (
         f"Ray gave this actor GPU(s) {ids}, but it sees {device_count} CUDA device(s) "
-        f"(CUDA_VISIBLE_DEVICES={shown}); each GPU actor must see exactly one GPU, its own, because it "
-        "works on cuda:0. Unset RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (so Ray narrows "
-        "CUDA_VISIBLE_DEVICES per actor) and give each actor at most one GPU."
+        f"(CUDA_VISIBLE_DEVICES={shown}); each GPU actor must see exactly its own {devices} GPU(s), because "
+        f"it works on the first {devices} visible. Unset RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (so "
+        f"Ray narrows CUDA_VISIBLE_DEVICES per actor) and give each actor {devices} GPU(s)."
     )
 
 
-def require_own_gpu() -> None:
+def require_own_gpu(devices: int = 1) -> None:
     """In a Ray actor: raise `gpu_visibility_problem`'s message, if any. Outside an actor, nothing to check."""
     import os
 
@@ -255,7 +261,7 @@ def require_own_gpu() -> None:
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return
     problem = gpu_visibility_problem(
-        ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+        ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count(), devices
     )
     if problem is not None:
         raise RuntimeError(problem)
