@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml cluster/cpu_compat.py
 test: setup
 	$(PY) -m pytest -q --durations=10 -m "not long" $(ARGS)
 
-# The base-model pipeline's 400-step cold start on the tiny preset, checked against its format target (~3 min).
+# The base-model pipeline's 400-step cold start on the tiny preset, checked against its format target, the
+# k = 0 loop against a plain loop written out, and LoRA's exact resume (~7 min).
 test-long: setup
 	$(PY) -m pytest -q -m long $(ARGS)
 

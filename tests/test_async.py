@@ -90,6 +90,8 @@ def test_k0_is_the_synchronous_loop_and_its_importance_weights_are_one(first_run
         )
 
 
+# make test-long (a second loop beside first_run, ~2 min): the suite keeps test_k0_is_the_synchronous_loop.
+@pytest.mark.long
 def test_k0_reproduces_a_plain_synchronous_loop_metric_for_metric(first_run):
     """The reference: generate -> reward -> advantages -> update -> push, written out here over the
     system's calls, on the same data, seeds and model as first_run (k = 0). Its rewards, losses and KL

@@ -451,3 +451,15 @@ def test_on_this_cpu_machine_every_stage_is_reported_not_run_with_its_reason(tmp
     assert gpu_check.exit_status({"a": {"status": "passed"}, "b": {"status": "failed"}}) == 1
     # What the env stage would report for the runner, by vLLM's own rule: no Triton for the CPU here.
     assert gpu_check.vllm_model_runner() == "V1"
+
+
+def test_gpu_32b_lora_fits_one_node_with_two_gpus_per_engine(fake_gpu_cluster):
+    """gpu-32b-lora on one fake 8-GPU node: each tensor-parallel engine's bundle holds its 2 GPUs, the 4
+    learner ranks one each: all 8 GPUs, nothing left over."""
+    placement = reserve_placement(load_config("gpu-32b-lora"))
+    try:
+        tables = {role: group_table(group) for role, group in placement.items()}
+    finally:
+        release(placement)
+    assert list(tables["rollout"]["bundles"].values()) == [{"CPU": 8.0, "GPU": 2.0}] * 2
+    assert list(tables["learner"]["bundles"].values()) == [{"CPU": 4.0, "GPU": 1.0}] * 4

@@ -499,7 +499,8 @@ def test_lora_checkpoint_holds_the_adapter_and_a_merged_policy_vllm_scores_with(
     assert f"scoring with {folder}" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+# make test-long: the suite's resume exactness is the driver-kill test's (tests/test_reliability.py).
+@pytest.mark.long
 def test_lora_resume_trains_the_uninterrupted_runs_images(lora_run, tmp_path, capsys):
     """The run's folders as they were after step 1, resumed: the same images at each step (the trained-
     image log), every step once in MLflow."""

@@ -117,21 +117,24 @@ def test_a_hung_call_times_out_and_a_dead_rank_ends_the_wait_at_once_naming_acto
 
 @pytest.mark.slow
 def test_a_run_that_loses_each_kind_of_process_heals_itself_and_ends_where_a_fault_free_run_ends(tmp_path):
-    """bench.chaos's short case. A 4-step run (k = 0, the multiprocess engine, a checkpoint every step,
-    rollout.reproducible_batches) loses a learner rank in step 2, the reward actor and the rollout
-    worker's vLLM EngineCore process in step 3, and the rollout worker's actor process in step 4. The
-    driver replaces each in the same process (the learners from the newest checkpoint) and the run
-    finishes with the trained-images log and the final weights of a fault-free run of the same seed;
-    MLflow records each replacement, with its step, phase and the steps redone, and each step once."""
+    """bench.chaos's short case. A 7-step run (k = 0, the multiprocess engine, a checkpoint every step,
+    rollout.reproducible_batches) loses the rollout worker's vLLM EngineCore process in step 2, the
+    rollout worker's actor process in step 4, the reward actor in step 5 and a learner rank in step 6.
+    Each fault waits for the line of the step before its own, so the death before it has been found (a
+    learner rank's death can be found a step late, so it comes last; the two rollout deaths are two
+    steps apart, or one replacement would take both). The driver replaces each in the same process (the
+    learners from the newest checkpoint) and the run finishes with the trained-images log and the final
+    weights of a fault-free run of the same seed; MLflow records each replacement, with its step, phase
+    and the steps redone, and each step once."""
     from actor.rollout_actor import engine_seed
 
     faults = [
-        Fault(2, "learner rank", 1.0),
-        Fault(3, "reward actor", 0.5),
-        Fault(3, "engine process", 1.5),
+        Fault(2, "engine process", 1.0),
         Fault(4, "rollout actor", 1.0),
+        Fault(5, "reward actor", 0.5),
+        Fault(6, "learner rank", 1.0),
     ]
-    report, chaos = chaos_run(4, faults, tmp_path)
+    report, chaos = chaos_run(7, faults, tmp_path)
     assert all(fault.killed for fault in faults), [(f.kind, f.killed) for f in faults]
     assert report["holds"], json.dumps(report, indent=1) + chaos.output[-4000:]
     # Which call finds a dead process depends on how far the driver got when it died: the steps and
@@ -154,7 +157,7 @@ def test_a_run_that_loses_each_kind_of_process_heals_itself_and_ends_where_a_fau
     result = json.loads((tmp_path / "chaos" / "out" / "result.json").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'chaos' / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(result["mlflow_run_id"], "reward/total_mean")]
-    assert sorted(steps) == [1, 2, 3, 4], steps
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6, 7], steps
     tags = client.get_run(result["mlflow_run_id"]).data.tags
     logged = [json.loads(value) for key, value in tags.items() if key.startswith("events.replacement.")]
     assert sorted(logged, key=json.dumps) == sorted(events, key=json.dumps)
