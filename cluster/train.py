@@ -71,7 +71,7 @@ def run(config) -> dict:
     """Train; returns the evaluation before and after, the final checkpoint and the MLflow run id."""
     import ray
 
-    from cluster.batches import DatasetBatchSampler, SamplerState
+    from cluster.batches import DatasetBatchSampler
     from cluster.curves import plot_training_curves
     from cluster.ray_job import ray_copy_problem
     from cluster.tracking import Tracker
@@ -126,9 +126,7 @@ def run(config) -> dict:
             wait(loads, config, "resume", start_step, "learners")
             system.policy_version = start_step
             push_weights(system, config, start_step)
-            ahead.extend(restore_generation(batch) for batch in checkpoints.read_in_flight(folder))
-            sampler.state = SamplerState(**state["sampler"])
-            checkpoints.forget_trained_images_after(output_dir, start_step)
+            rewind_loop(folder, state, sampler, ahead, output_dir)
             print(f"resumed from {folder} at step {start_step}")
         else:
             previous = checkpoints.set_aside_earlier_run(Path(config.checkpoint.dir))
@@ -225,15 +223,10 @@ def restart_learners_and_rewind(
 
     restored = restart_learners(system, config, step, exc, finished)
     folder, state = restored if restored else (None, {"step": 0, "sampler": vars(SamplerState())})
-    back_to = state["step"]
-    sampler.state = SamplerState(**state["sampler"])
-    ahead.clear()  # generated with the lost weights, or after them
-    if folder is not None:
-        ahead.extend(restore_generation(batch) for batch in checkpoints.read_in_flight(folder))
+    back_to = rewind_loop(folder, state, sampler, ahead, config.train.output_dir)
     history[:] = [entry for entry in history if entry["step"] <= back_to]
     for later in [s for s in evaluations if s > back_to]:
         del evaluations[later]
-    checkpoints.forget_trained_images_after(config.train.output_dir, back_to)
     print(
         f"step {step}, phase {exc.phase}: a learner rank died; learners restarted from "
         f"{folder or 'the start model (no checkpoint yet)'}, going on at step {back_to + 1} "
@@ -241,6 +234,21 @@ def restart_learners_and_rewind(
         flush=True,
     )
     return back_to
+
+
+def rewind_loop(folder: Path | None, state: dict, sampler, ahead: deque, output_dir) -> int:
+    """Put the loop's data back to a checkpoint's step (a resume, or the learners restarted): the sampler's
+    position, the batches generated ahead (those the checkpoint holds; the others were generated with
+    weights now lost, or after them) and the trained-images log. folder None: the start, step 0.
+    Returns that step."""
+    from cluster.batches import SamplerState
+
+    sampler.state = SamplerState(**state["sampler"])
+    ahead.clear()
+    if folder is not None:
+        ahead.extend(restore_generation(batch) for batch in checkpoints.read_in_flight(folder))
+    checkpoints.forget_trained_images_after(output_dir, state["step"])
+    return state["step"]
 
 
 def tracking_from(tracker, config, system, back_to: int, finished: int):
