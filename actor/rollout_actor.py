@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from configs.schema import ModelConfig, PlacementConfig, RolloutConfig
+from configs.schema import ColocateConfig, LoraConfig, ModelConfig, PlacementConfig, RolloutConfig
 
 log = logging.getLogger("vqr1.rollout")
 
@@ -32,10 +33,14 @@ class RolloutWorker:
         rollout_cfg: RolloutConfig,
         free_bytes_to_wait_for: int | None = None,
         memory_release_deadline_s: float = 0.0,
+        colocate: ColocateConfig | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         """free_bytes_to_wait_for: a replacement's predecessor's free device memory before its engine
         started; the engine starts once the device has about that much free again, or after
-        memory_release_deadline_s seconds (vLLM then checks the memory itself)."""
+        memory_release_deadline_s seconds (vLLM then checks the memory itself). colocate: the engine
+        shares its device with a learner rank and sleeps while it trains. lora: the learner's (with
+        push=adapter the engine serves its adapter)."""
         # A Ray worker is a fresh process: offline/loopback settings must precede the vLLM import.
         from configs.runtime_env import apply_default_env, pin_from_env, route_logs_from_env
 
@@ -58,7 +63,9 @@ class RolloutWorker:
                 )
         self.free_bytes_at_start = device_free_bytes()
         self.seed = rollout_cfg.seed
-        self.engine = RolloutEngine(model_path, model_cfg, rollout_cfg)
+        self.engine = RolloutEngine(model_path, model_cfg, rollout_cfg, colocate=colocate, lora=lora)
+        # (time, call) of the calls that share the device with a colocated learner, in order.
+        self.device_calls: deque[tuple[float, str]] = deque(maxlen=256)
 
     def ping(self) -> str:
         """ "pong" while the worker and its engine live; a dead engine-core process raises vLLM's
@@ -71,11 +78,11 @@ class RolloutWorker:
         return {"seed": self.seed, "free_bytes": self.free_bytes_at_start}
 
     def system_metrics(self) -> dict:
-        """This worker's CPU, memory, GPU and KV-cache figures since the previous call
+        """This worker's CPU, memory, GPU, KV-cache and weight-push figures since the previous call
         (configs.system_metrics.sample)."""
         from configs.system_metrics import sample
 
-        return sample(self.engine.kv_cache_figures())
+        return sample(self.engine.kv_cache_figures() | self.engine.push_figures())
 
     def generate(
         self,
@@ -88,6 +95,7 @@ class RolloutWorker:
         stream_apart: int | None = None,
         digit_probs: bool = False,
     ):
+        self.device_calls.append((time.time(), "generate"))
         return self.engine.generate(
             images,
             n,
@@ -103,6 +111,7 @@ class RolloutWorker:
         policy version (every completion sampled from them carries it)."""
         import ray
 
+        self.device_calls.append((time.time(), "update_weights"))
         loaded = self.engine.update_weights(ray.get(bucket_refs))
         if version is not None:
             self.engine.set_weight_version(version)
@@ -111,8 +120,26 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self.engine.weight_version
 
+    def sleep(self, level: int) -> None:
+        """Colocated: free the device for the learner rank (RolloutEngine.sleep)."""
+        self.device_calls.append((time.time(), "sleep"))
+        self.engine.sleep(level)
+
+    def wake_up(self, tag: str) -> None:
+        """Colocated: take back "weights" (before the push) or "kv_cache" (before generating)."""
+        self.device_calls.append((time.time(), f"wake_up {tag}"))
+        self.engine.wake_up(tag)
+
+    def device_call_log(self) -> list[tuple[float, str]]:
+        return list(self.device_calls)
+
     def set_weight_version(self, version: int) -> None:
         self.engine.set_weight_version(version)
+
+    def engine_report(self) -> dict:
+        """This worker's process id and its engine's `extension_reports` (file, process id and weight
+        version of each vLLM worker)."""
+        return {"worker_pid": os.getpid(), "engine": self.engine.extension_reports()}
 
     # GPU weight transfer (vlm.weight_sync.RolloutWorkersClient calls these).
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -207,11 +234,14 @@ def create_rollout_worker(
     restart: int = 0,
     free_bytes_to_wait_for: int | None = None,
     memory_release_deadline_s: float = 0.0,
+    colocate: ColocateConfig | None = None,
+    lora: LoraConfig | None = None,
     **ray_options,
 ):
     """Start rollout worker `worker_index` (its engine seeded by `engine_seed` of its `restart` count)
     with the placement's CPUs/GPUs; returns its handle (Ray must be initialised). A replacement passes
-    its predecessor's free device memory and a deadline to wait for it (RolloutWorker).
+    its predecessor's free device memory and a deadline to wait for it (RolloutWorker); colocate: its
+    engine shares the device with a learner rank; lora: the learner's (RolloutWorker).
 
     `ray_options` go to `.options()` as they are (scheduling_strategy, max_restarts, name, ...).
     """
@@ -227,5 +257,11 @@ def create_rollout_worker(
     )
     seeded = rollout_cfg.model_copy(update={"seed": engine_seed(rollout_cfg.seed, worker_index, restart)})
     return actor_class.remote(
-        str(model_path), model_cfg, seeded, free_bytes_to_wait_for, memory_release_deadline_s
+        str(model_path),
+        model_cfg,
+        seeded,
+        free_bytes_to_wait_for,
+        memory_release_deadline_s,
+        colocate,
+        lora,
     )

@@ -13,9 +13,13 @@ then raw is the distribution sampled from, up to the five vision tokens' -inf bi
 "processed_logprobs" would follow any temperature, but it is set per engine, and it would also turn the
 evaluation's digit distributions (top-k log-probs at eval.temperature) into tempered ones. Every completion
 carries the weight version the engine held when sampling it (`set_weight_version`, set by the driver
-after each push). Asked for (evaluation), the
-engine also reports each completion's distribution over the ten digits where its score's leading digit
-was sampled, from vLLM's top-k log-probs at that position (`rewards.parsing.expected_scores`).
+after each push). Asked for (evaluation), the engine also reports each completion's distribution over
+the ten digits where its score's leading digit was sampled, from vLLM's top-k log-probs at that position
+(`rewards.parsing.expected_scores`).
+
+With learner.lora.push=adapter the engine is built with LoRA on (`lora_engine_args`), a push replaces
+the one adapter it serves (`update_weights`), and every generate call passes its LoRARequest once the
+first push has loaded it (before, the engine runs the base model: what a fresh adapter, B = 0, computes).
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs.schema import ModelConfig, RolloutConfig, tensor_parallel_problem
+from configs.schema import (
+    ColocateConfig,
+    LoraConfig,
+    ModelConfig,
+    RolloutConfig,
+    tensor_parallel_problem,
+    vllm_max_lora_rank,
+)
+from configs.sleep import preserve_patterns
 from iqa.images import ImageInput, load_image
 from rewards.parsing import extract_score, score_digit_offset
 from vlm.factory import load_processor
@@ -40,6 +52,12 @@ from vlm.weight_sync import WeightSyncExtension, engine_weight_transfer_config
 
 # Top log-probs vLLM returns per position when digit distributions are asked for; digits outside count 0.
 DIGIT_TOP_K = 20
+# The adapter an adapter engine serves, under one id that every push reloads; it exists only in the
+# workers' memory (vlm.weight_sync.WeightSyncExtension.load_adapter_buckets), so the request's path is
+# one vLLM would fail to read, naming it, were the adapter ever dropped from its cache.
+ADAPTER_ID = 1
+ADAPTER_NAME = "vqr1-policy"
+ADAPTER_PATH = "/vqr1-adapter-pushed-in-memory"
 # One merged vision token covers a 28x28 pixel patch (patch 14, spatial merge 2).
 PIXELS_PER_IMAGE_TOKEN = 28 * 28
 
@@ -48,6 +66,9 @@ PIXELS_PER_IMAGE_TOKEN = 28 * 28
 # with the in-process engine vLLM's own renderer then calls it twice on every multimodal request: about
 # 1,500 identical lines in a 30-step run, burying the log line of each step.
 THREAD_BINDING_WARNING = "CPU backend doesn't allow to use `torch.set_num_threads`"
+# A colocated CPU engine sleeps and wakes three times a step; its worker has no sleep mode and says so each
+# time (the engine core's pause and cache reset, what sleep means on the CPU, still happen).
+CPU_SLEEP_WARNING = "sleep mode is not supported on CPU"
 # A weight push that leaves layers out (the frozen vision tower) makes vLLM's reload warn once per layer
 # it keeps as it was, without the layer's name, then once per push with the names of the weights not
 # pushed. The per-layer lines go (the named one says the same); the named one goes only when every name
@@ -68,7 +89,7 @@ class _DropExpectedWarnings(logging.Filter):
         if record.msg == WEIGHTS_NOT_LOADED and self.skipped_prefixes:
             names = record.args[0] if isinstance(record.args, tuple) and record.args else ()
             return not (names and all(str(n).startswith(self.skipped_prefixes) for n in names))
-        return not record.getMessage().startswith(THREAD_BINDING_WARNING)
+        return not record.getMessage().startswith((THREAD_BINDING_WARNING, CPU_SLEEP_WARNING))
 
 
 def quiet_expected_vllm_warnings(skipped_prefixes: tuple[str, ...] = ()) -> None:
@@ -110,7 +131,8 @@ class ImageRollout:
 
 class RolloutWorkerExtension(WeightSyncExtension):
     """vLLM's worker_extension_cls of the rollout engine, mixed into each of its workers (every
-    tensor-parallel rank): the weight pushes' loading (vlm.weight_sync) and a random stream apart.
+    tensor-parallel rank): the weight pushes' loading (vlm.weight_sync), a random stream apart, and a
+    report of where it runs (`extension_report`).
 
     vLLM samples unseeded requests from the default torch generator of the process that runs its
     worker: the engine's own process with one rank in-process, a process per rank under the
@@ -134,6 +156,18 @@ class RolloutWorkerExtension(WeightSyncExtension):
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+    # The policy version the driver named for the weights this process loaded last (0: the start model).
+    named_weight_version: int = 0
+
+    def name_weight_version(self, version: int) -> None:
+        self.named_weight_version = version
+
+    def extension_report(self) -> dict:
+        """The file this class was imported from in this worker's process, the process id and the
+        weight version it holds. A multiprocess engine's workers are processes of vLLM's that import the
+        project by themselves: under `ray job submit --working-dir`, from the job's copy of it."""
+        return {"file": __file__, "pid": os.getpid(), "weight_version": self.named_weight_version}
 
 
 WORKER_EXTENSION = f"{RolloutWorkerExtension.__module__}.{RolloutWorkerExtension.__qualname__}"
@@ -214,6 +248,24 @@ def build_sampling_params(
     )
 
 
+def lora_engine_args(lora: LoraConfig) -> dict:
+    """`LLM(...)` arguments of an engine that serves the learner's adapter: LoRA on, one adapter at a time,
+    adapter slots of the smallest rank vLLM offers that holds learner.lora.rank, and LoRA layers in the
+    vision tower and merger when those are adapted (vLLM's tower/connector LoRA, which Qwen2.5-VL has)."""
+    return {
+        "enable_lora": True,
+        "max_lora_rank": vllm_max_lora_rank(lora.rank),
+        "max_loras": 1,
+        "enable_tower_connector_lora": lora.vision_tower or lora.merger,
+    }
+
+
+def adapter_peft_config(lora: LoraConfig) -> dict:
+    """The adapter's peft config as vLLM reads it (adapter_config.json's fields; learner.policy.apply_lora
+    builds the same adapter: scaling alpha / rank, no rsLoRA, no bias)."""
+    return {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.target_modules)}
+
+
 def _note_peak_kv_cache_usage(llm):
     """In the in-process engine, wrap its scheduler's `schedule` to keep the largest KV-cache usage of
     any engine step (between generations the cache is free again, so a reading then says nothing).
@@ -266,9 +318,13 @@ class RolloutEngine:
         model_cfg: ModelConfig,
         rollout_cfg: RolloutConfig,
         weight_transfer_backend: str = "nccl",
+        colocate: ColocateConfig | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         """weight_transfer_backend: vLLM's weight-transfer backend on CUDA ("nccl", what training uses;
-        "ipc" for a trainer on the same GPU, bench.gpu_check); none on the CPU."""
+        "ipc" for a trainer on the same GPU, bench.gpu_check); none on the CPU. colocate: the engine
+        shares its device with a learner rank and sleeps while it trains (`sleep`, `wake_up`). lora: the
+        learner's; with push=adapter the engine serves its adapter (pushes load the adapter, not weights)."""
         # Read by vLLM when the engine is created; in-process start-up is ~20 s faster on the CPU.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout_cfg.in_process_engine else "1"
         import torch
@@ -288,9 +344,12 @@ class RolloutEngine:
         self.digit_token_ids = [self._token_id(str(digit)) for digit in range(10)]
         self.suppressed_token_ids = sorted({self._token_id(t) for t in VISION_SPECIAL_TOKENS})
         self.weight_version = 0
+        self.adapter = lora if lora is not None and lora.push == "adapter" else None
+        self.lora_request = None  # the adapter's, once a push has loaded it
 
         tp = rollout_cfg.tensor_parallel_size
-        problem = tensor_parallel_problem(json.loads((self.model_path / "config.json").read_text()), tp)
+        hf_config = json.loads((self.model_path / "config.json").read_text())
+        problem = tensor_parallel_problem(hf_config, tp)
         if problem is not None:
             raise ValueError(f"{self.model_path / 'config.json'}: {problem}")
         # A CPU engine's ranks each run on cores of their own among this worker's (unless set outside).
@@ -306,6 +365,15 @@ class RolloutEngine:
             if torch.cuda.is_available()
             else {"kv_cache_memory_bytes": int(rollout_cfg.kv_cache_gib * (1 << 30))}
         )
+        self.asleep = False
+        if colocate is not None and torch.cuda.is_available():
+            # vLLM's sleep mode: weights and KV cache in its own allocator's pool, which can hand them back.
+            # The CPU platform has none (it would refuse the flag); there `sleep` pauses the scheduler and
+            # clears the caches only.
+            tied = (hf_config.get("text_config") or hf_config).get("tie_word_embeddings", False)
+            memory["enable_sleep_mode"] = True
+            if colocate.sleep_level == 2:
+                memory["sleep_preserve_parameter_names"] = preserve_patterns(colocate.keep_weights, tied)
         # An engine started earlier in this process froze vLLM's reading of the environment (its
         # enable_envs_cache); this one's settings (above and VLLM_ENABLE_V1_MULTIPROCESSING) must count.
         vllm_envs.disable_envs_cache()
@@ -329,9 +397,11 @@ class RolloutEngine:
                 generation_config="vllm",
                 worker_extension_cls=WORKER_EXTENSION,
                 weight_transfer_config=engine_weight_transfer_config(weight_transfer_backend),
+                **(lora_engine_args(self.adapter) if self.adapter is not None else {}),
                 **memory,
             )
         self._kv_cache_peak = _note_peak_kv_cache_usage(self.llm)
+        self._pushed_bytes = 0  # by bucket pushes since the previous push_figures()
         self._stop_watching = threading.Event()
         client = self.llm.llm_engine.engine_core
         if hasattr(client, "outputs_queue") and hasattr(client, "resources"):  # the multiprocess engine
@@ -358,6 +428,15 @@ class RolloutEngine:
         usage = scheduler.kv_cache_manager.usage
         figures = {"kv_cache_percent": 100.0 * usage, "kv_cache_peak_percent": 100.0 * max(peak[0], usage)}
         peak[0] = 0.0
+        return figures
+
+    def push_figures(self) -> dict[str, float]:
+        """The MiB that bucket pushes (`update_weights`) loaded since the previous call; empty when none did
+        (NCCL pushes are not counted here)."""
+        if not self._pushed_bytes:
+            return {}
+        figures = {"weight_push_mib": self._pushed_bytes / (1 << 20)}
+        self._pushed_bytes = 0
         return figures
 
     def _token_id(self, token: str) -> int:
@@ -403,6 +482,10 @@ class RolloutEngine:
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if self.asleep:
+            raise RuntimeError(
+                "generate on a sleeping rollout engine: wake_up('weights') and wake_up('kv_cache') first"
+            )
         if not images:
             return []
         prompt = self.prompt_texts[self.rollout_cfg.thinking if thinking is None else thinking]
@@ -425,11 +508,11 @@ class RolloutEngine:
         ]
         started = time.time()
         if stream_apart is None or seeded_apart:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
         else:
             self.llm.collective_rpc("enter_stream_apart", args=(stream_apart,))
             try:
-                outputs = self.llm.generate(requests, params, use_tqdm=False)
+                outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
             finally:
                 self.llm.collective_rpc("leave_stream_apart")
         between = (started, time.time())
@@ -494,13 +577,40 @@ class RolloutEngine:
         self._stop_watching.set()
         self.llm.llm_engine.engine_core.shutdown()
 
+    # --- colocated: sleep while the learner on this device trains ----------------------------------
+
+    def sleep(self, level: int) -> None:
+        """vLLM's sleep: the scheduler paused, the prefix, encoder and multimodal caches cleared, the KV
+        cache dropped, the weights offloaded to host memory (level 1) or dropped but for the parameters
+        kept by name (level 2). On the CPU only the pause and the clearing happen."""
+        self.llm.sleep(level=level)
+        self.asleep = True
+
+    def wake_up(self, tag: str) -> None:
+        """Give back "weights" (before a push: a level-2 engine then holds what the push and the kept
+        parameters write) or "kv_cache" (the scheduler resumes once both are back)."""
+        if tag not in ("weights", "kv_cache"):
+            raise ValueError(f"wake_up takes 'weights' or 'kv_cache', not {tag!r}")
+        self.asleep = not self.llm.wake_up(tags=[tag])
+
     # --- weights ---------------------------------------------------------------------------------
 
     def update_weights(self, buckets: list[bytes]) -> int:
-        """Load safetensors buckets (vlm.weight_sync.serialize_buckets) into every worker; returns the new version."""
-        loaded = self.llm.collective_rpc("load_weight_buckets", args=(buckets,))
+        """Load safetensors buckets (vlm.weight_sync.serialize_buckets) into every worker: the model's
+        tensors, or for an adapter engine the adapter's, which replace the adapter it serves. Returns the
+        new version."""
+        if self.adapter is None:
+            loaded = self.llm.collective_rpc("load_weight_buckets", args=(buckets,))
+        else:
+            args = (buckets, adapter_peft_config(self.adapter), ADAPTER_ID)
+            loaded = self.llm.collective_rpc("load_adapter_buckets", args=args)
         if not all(count > 0 for count in loaded):
             raise RuntimeError(f"weight push loaded no tensors on some worker (per-worker counts {loaded})")
+        self._pushed_bytes += sum(len(bucket) for bucket in buckets)
+        if self.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, lora_path=ADAPTER_PATH)
         return self._weights_changed()
 
     def _weights_changed(self) -> int:
@@ -513,8 +623,13 @@ class RolloutEngine:
 
     def set_weight_version(self, version: int) -> None:
         """Name the weights now loaded: the driver's policy version (the step whose update made them);
-        pushes alone only count up from the engine's start."""
+        pushes alone only count up from the engine's start. Every vLLM worker records it too."""
         self.weight_version = version
+        self.llm.collective_rpc("name_weight_version", args=(version,))
+
+    def extension_reports(self) -> list[dict]:
+        """Each vLLM worker's `RolloutWorkerExtension.extension_report`, one per tensor-parallel rank."""
+        return self.llm.collective_rpc("extension_report")
 
     # GPU path (vlm.weight_sync.NcclWeightSender drives these through the Ray actor).
     def init_weight_transfer(self, init_info: dict) -> None:

@@ -1,9 +1,10 @@
-"""A chaos run: a cpu-tiny run at train.max_staleness = 0 while a seeded schedule SIGKILLs, at random
-steps and moments of a step, each kind of process of the run at least once, against a fault-free run
-of the same seed.
+"""A chaos run: a cpu-tiny run (train.max_staleness = 0 unless --max-staleness) while a seeded schedule
+SIGKILLs, at random steps and moments of a step, each kind of process of the run at least once, against
+a fault-free run of the same seed.
 
     python -m bench.chaos --steps 12 --faults 20 --seed 0          (the long schedule, docs/reliability.md)
     python -m bench.chaos --steps 4 --faults 5                     (one fault of each kind)
+    python -m bench.chaos --steps 8 --faults 8 --max-staleness 1   (batches generated one version ahead)
 
 Kinds: a rollout worker's actor process, its vLLM EngineCore process (rollout.in_process_engine=false),
 the reward actor, one learner rank, and the driver with every process it started (then resumed with
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,12 +35,14 @@ KINDS = ("rollout actor", "engine process", "reward actor", "learner rank", "dri
 
 @dataclass
 class Fault:
-    """Kill a process of `kind` `delay_s` seconds after step `step` starts (the line of step - 1)."""
+    """Kill a process of `kind` `delay_s` seconds after step `step` starts (the line of step - 1; a later
+    step where the run is ahead of the schedule, `run_with_faults`)."""
 
     step: int
     kind: str
     delay_s: float
     killed: list[int] = field(default_factory=list)  # the PIDs it killed
+    hit_step: int | None = None  # the step running when it fired (`step` or later)
     # A killed driver: seconds from the kill to its resumed successor's "resumed from" line.
     recovery_s: float | None = None
 
@@ -56,7 +60,8 @@ def schedule(seed: int, steps: int, faults: int, step_s: float) -> list[Fault]:
 
 
 def overrides(work: Path, steps: int, *extra: str) -> list[str]:
-    """The chaos runs' settings: cpu-tiny at k = 0, the multiprocess engine, a checkpoint every step."""
+    """The chaos runs' settings: cpu-tiny at k = 0 (an `extra` train.max_staleness overrides it), the
+    multiprocess engine, a checkpoint every step."""
     return [
         f"train.steps={steps}",
         f"train.output_dir={work / 'out'}",
@@ -192,6 +197,25 @@ def wait_for_line(driver: Driver, prefix: str, seen: int, deadline: float) -> in
     return None
 
 
+STEP_LINE = re.compile(r"step (\d+)/\d+ ")
+
+
+def wait_for_step(driver: Driver, step: int, seen: int, lines: int, deadline: float) -> int | None:
+    """The index of the first step line from `seen` on that is the `lines`-th step line from there or a
+    later one, and of step `step` or later, once it appears; None if the driver ended (or the deadline
+    passed) first."""
+    while time.monotonic() < deadline:
+        output = list(driver.lines)
+        step_lines = [index for index in range(seen, len(output)) if STEP_LINE.match(output[index])]
+        for count, index in enumerate(step_lines, start=1):
+            if count >= lines and int(STEP_LINE.match(output[index])[1]) >= step:
+                return index
+        if driver.process.poll() is not None:
+            return None
+        time.sleep(0.1)
+    return None
+
+
 # --- one run, with faults or none --------------------------------------------------------------------
 
 
@@ -207,9 +231,11 @@ class RunResult:
 def run_with_faults(
     work: Path, steps: int, faults: list[Fault], seed: int = 0, timeout_s: float = 3600, extra: tuple = ()
 ) -> RunResult:
-    """Train in `work`, firing `faults` in order: fault i waits for the line of its step - 1 (printed
-    after that step, or again after a restart went back past it) after fault i - 1 fired, then its
-    delay. A killed driver is started again with checkpoint.resume=true."""
+    """Train in `work`, firing `faults` in order. Fault i waits, after fault i - 1 fired, for the second
+    step line (the first step to start after the kill has met every process of the run, so the death is
+    found first) and for the line of its step - 1 or a later one, then its delay; a fault of the same step
+    as the one before follows it after the difference of their delays. A killed driver is started again
+    with checkpoint.resume=true (its first step line is enough). Each fault records the step it hit."""
     rng = random.Random(seed)
     # Every fault may hit one role: the restart limit must not end the run.
     run_overrides = overrides(work, steps, f"cluster.max_restarts={max(3, len(faults))}", *extra)
@@ -217,26 +243,28 @@ def run_with_faults(
     deadline = started + timeout_s
     driver = Driver(run_overrides)
     outputs = []
-    seen, previous = 0, None
+    seen, lines, previous = 0, 1, None
     for fault in faults:
         if previous is not None and previous.step == fault.step and previous.kind != "driver":
             time.sleep(max(0.0, fault.delay_s - previous.delay_s))  # the same step as the fault before
+            fault.hit_step = previous.hit_step
         else:
-            at = wait_for_line(driver, f"step {fault.step - 1}/{steps} ", seen, deadline)
+            at = wait_for_step(driver, fault.step - 1, seen, lines, deadline)
             if at is None:
                 break  # the run ended (or failed) before the fault's step
-            seen = at + 1
+            fault.hit_step = int(STEP_LINE.match(driver.lines[at])[1]) + 1
             time.sleep(fault.delay_s)
         previous = fault
         if driver.process.poll() is not None:
             break
         fault.killed = kill_one(driver.process.pid, fault.kind, rng)
+        seen, lines = len(driver.lines), 2
         if fault.kind == "driver" and fault.killed:
             killed_at = time.monotonic()
             driver.wait(deadline)
             outputs.append(driver.output())
             driver = Driver([*run_overrides, "checkpoint.resume=true"])
-            seen = 0
+            seen, lines = 0, 1
             if wait_for_line(driver, "resumed from ", 0, deadline) is not None:
                 fault.recovery_s = round(time.monotonic() - killed_at, 1)
     code = driver.wait(deadline)
@@ -270,11 +298,9 @@ def replacement_events(work: Path) -> list[dict]:
 
 def driver_steps_redone(output: str) -> int:
     """Steps a killed driver had finished after the checkpoint its resume went on from."""
-    import re
-
     redone, last = 0, 0
     for line in output.splitlines():
-        finished = re.match(r"step (\d+)/\d+ ", line)
+        finished = STEP_LINE.match(line)
         if finished:
             last = int(finished[1])
         resumed = re.match(r"resumed from .* at step (\d+)", line)
@@ -301,7 +327,13 @@ def compare(reference: RunResult, chaos: RunResult, steps: int) -> dict:
         "faults_injected": len(injected),
         "faults_survived": len(injected) if chaos.code == 0 else 0,
         "injected": [
-            {"step": f.step, "kind": f.kind, "delay_s": f.delay_s, "driver_recovery_s": f.recovery_s}
+            {
+                "step": f.hit_step,
+                "planned_step": f.step,
+                "kind": f.kind,
+                "delay_s": f.delay_s,
+                "driver_recovery_s": f.recovery_s,
+            }
             for f in injected
         ],
         "replacements": events,
@@ -312,14 +344,19 @@ def compare(reference: RunResult, chaos: RunResult, steps: int) -> dict:
     }
 
 
-def chaos_run(steps: int, faults: list[Fault], work: Path, seed: int = 0) -> tuple[dict, RunResult]:
+def chaos_run(
+    steps: int, faults: list[Fault], work: Path, seed: int = 0, max_staleness: int = 0
+) -> tuple[dict, RunResult]:
     """The fault-free reference run, then the run with `faults`; their comparison and the chaos run. The
     reference runs the in-process engine (it starts faster): with per-request seeds both engines draw
     the same completions."""
-    reference = run_with_faults(work / "reference", steps, [], extra=("rollout.in_process_engine=true",))
+    staleness = f"train.max_staleness={max_staleness}"
+    reference = run_with_faults(
+        work / "reference", steps, [], extra=(staleness, "rollout.in_process_engine=true")
+    )
     if reference.code != 0:
         raise RuntimeError("the fault-free run failed\n" + reference.output[-3000:])
-    chaos = run_with_faults(work / "chaos", steps, faults, seed)
+    chaos = run_with_faults(work / "chaos", steps, faults, seed, extra=(staleness,))
     return compare(reference, chaos, steps), chaos
 
 
@@ -356,16 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--step-seconds",
         type=float,
-        default=4.0,
-        help="faults land within this many seconds of a step's start",
+        default=1.0,
+        help="faults land within this many seconds of a step's line (a cpu-tiny step takes about a second)",
     )
+    parser.add_argument("--max-staleness", type=int, default=0, help="train.max_staleness k of both runs")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder for both runs (default: a temporary one)"
     )
     args = parser.parse_args(argv)
     faults = schedule(args.seed, args.steps, args.faults, args.step_seconds)
     work = args.work or Path(tempfile.mkdtemp(prefix="vqr1-chaos-"))
-    report, _ = chaos_run(args.steps, faults, work, args.seed)
+    report, _ = chaos_run(args.steps, faults, work, args.seed, args.max_staleness)
     print_report(report)
     (work / "chaos.json").write_text(json.dumps(report, indent=1))
     print(f"report: {work / 'chaos.json'}")

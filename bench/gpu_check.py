@@ -1,8 +1,8 @@
 """The GPU path, stage by stage: `python -m bench.gpu_check [--stages NAME,...] [--out DIR]`.
 
 Every stage runs what the gpu-7b-1node preset runs (its model, rollout, learner and transport settings,
-through the project's own code), with a small locally built model instead of the 7B checkpoint and the
-worker counts and CPUs fitted to the machine. Each stage runs in a process of its own (one NCCL group,
+through the project's own code; the colocated stage, gpu-7b-1gpu-lora's), with a small locally built
+model instead of the 7B checkpoint and the worker counts and CPUs fitted to the machine. Each stage runs in a process of its own (one NCCL group,
 one Ray session, one vLLM engine at a time) and reports its figures and named checks. A stage this
 machine cannot run (no CUDA, no CUDA build of vLLM, too few GPUs) is reported "not run" with the
 reason; nothing is faked.
@@ -25,6 +25,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from configs.load import load_config
 from configs.schema import Config, LearnerConfig, ModelConfig
 
 PRESET = "gpu-7b-1node"
+COLOCATED_PRESET = "gpu-7b-1gpu-lora"  # the one-GPU preset: rollout engine and learner rank take turns
 RUN_MODEL = "small"  # the model of the stages that run vLLM (4 layers, a real Qwen2.5-VL architecture)
 LEARNER_MODEL = "bench"  # ~114 M parameters: a peak memory that says something
 # bf16 keeps 8 bits of mantissa: per-token log-probs of a ~-7 magnitude move by a few hundredths.
@@ -106,13 +108,20 @@ def preset_learner_settings(model_preset: str, num_sequences: int) -> tuple[Mode
 
 
 def fitted_config(
-    cache: Path, work: Path, *, rollout_workers: int, learners: int, gpus_per_actor: float, extra=()
+    cache: Path,
+    work: Path,
+    *,
+    rollout_workers: int,
+    learners: int,
+    gpus_per_actor: float,
+    extra=(),
+    preset: str = PRESET,
 ) -> Config:
     """The preset as a stage runs it: the RUN_MODEL model, these worker counts with one CPU each, the
     built-in benchmark, outputs under `work`; the other settings are the preset's."""
     images = learners * math.ceil(rollout_workers / learners)  # divisible by ranks, one per worker at least
     return load_config(
-        PRESET,
+        preset,
         [
             "model.path=null",
             f"model.preset={RUN_MODEL}",
@@ -168,16 +177,18 @@ def running_system(config: Config) -> Iterator[tuple]:
         ray.shutdown()
 
 
+def alternating_advantages(rollouts: list) -> list[torch.Tensor]:
+    """+1, -1, +1, ... over each image's completions: an update that moves the weights."""
+    return [torch.tensor([1.0 if k % 2 == 0 else -1.0 for k in range(len(r.completions))]) for r in rollouts]
+
+
 def push_and_verify(system, config: Config, prompt: str) -> dict:
     """One GRPO update on the learners, then `verify_weight_sync`'s gap before and after the push."""
     from cluster.system import generate, push_weights, update, weight_sync_gap
 
     images = [png_bytes(noise_image(seed)) for seed in range(config.train.images_per_step)]
     rollouts = generate(system, config, images, step=1)
-    advantages = [
-        torch.tensor([1.0 if k % 2 == 0 else -1.0 for k in range(len(r.completions))]) for r in rollouts
-    ]
-    metrics = update(system, config, images, prompt, rollouts, advantages, step=1)
+    metrics = update(system, config, images, prompt, rollouts, alternating_advantages(rollouts), step=1)
     stale = weight_sync_gap(system, config, images[0], prompt, step=1)
     push_weights(system, config, step=1)
     synced = weight_sync_gap(system, config, images[0], prompt, step=1)
@@ -433,13 +444,20 @@ def stage_object_store_push(cache: Path, work: Path, gpus: int, extra: tuple[str
         return push_and_verify(system, config, prompt)
 
 
-# learner.lora for the LoRA stages: the merged push (learner.lora.push=merged) under the preset's ZeRO-3 bf16.
+# learner.lora for the LoRA stages under the preset's ZeRO-3 bf16: the merged push (learner.lora.push=merged)
+# unless a stage adds push=adapter.
 LORA = ("learner.lora.rank=16", "learner.lora.alpha=32")
 
 
 def stage_lora_object_store_push(cache: Path, work: Path, gpus: int) -> dict:
     """`object_store_push` with a LoRA learner: the merged adapted layers through Ray's object store."""
     return stage_object_store_push(cache, work, gpus, extra=LORA)
+
+
+def stage_lora_adapter_push(cache: Path, work: Path, gpus: int) -> dict:
+    """`object_store_push` with learner.lora.push=adapter: A and B alone through the object store, loaded
+    in memory into vLLM's LoRA manager (Model Runner V2 on CUDA), and the engine generating with it."""
+    return stage_object_store_push(cache, work, gpus, extra=(*LORA, "learner.lora.push=adapter"))
 
 
 def stage_lora_nccl_push(cache: Path, work: Path, gpus: int) -> dict:
@@ -594,6 +612,105 @@ def stage_train_run(cache: Path, work: Path, gpus: int) -> dict:
         "checks": {
             "three_steps_each_verified": len(gaps) == 3 and all(g < BF16_LOGPROB_TOLERANCE for g in gaps),
             "final_checkpoint_written": Path(result["checkpoint"]).is_dir(),
+        },
+    }
+
+
+class DeviceMemory:
+    """The GPU's used memory (every process on it: the engine's and the learner's), read every
+    `interval_s` on a thread while the block runs. `phase(name)` marks an interval, and reads the memory
+    as it ends (`used_at_end`)."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int]] = []  # (time, used bytes)
+        self.phases: list[tuple[str, float, float]] = []  # (name, start, end)
+        self.used_at_end: dict[str, int] = {}  # each phase's last end
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="gpu-check-memory", daemon=True)
+
+    @staticmethod
+    def used() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self.used()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> DeviceMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.time()
+        yield
+        self.used_at_end[name] = self.used()
+        self.samples.append((time.time(), self.used_at_end[name]))
+        self.phases.append((name, start, time.time()))
+
+    def peak_gib(self, names: set[str]) -> float:
+        """The most memory in use during any of the phases `names`."""
+        spans = [(start, end) for name, start, end in self.phases if name in names]
+        inside = [used for when, used in self.samples if any(start <= when <= end for start, end in spans)]
+        return max(inside, default=0) / (1 << 30)
+
+
+def stage_colocated_loop(cache: Path, work: Path, gpus: int) -> dict:
+    """gpu-7b-1gpu-lora's loop on one GPU for 3 steps: the rollout engine and the LoRA learner rank in
+    one bundle; each step generates, then `update_and_push` (what cluster.train runs): the engine asleep
+    at the preset's level (2: the groups the merged push leaves out kept by name) while the learner
+    trains, its states offloaded while the engine is awake. The GPU's used memory is sampled throughout:
+    its peak while the engine sleeps (the learner training) and while it is awake (generating, waking,
+    taking the push); verify_weight_sync's gap after each push checks that the level-2 wake, the push and
+    the kept groups give the learner's weights."""
+    from cluster.system import generate, update_and_push, weight_sync_gap
+
+    config = fitted_config(
+        cache, work, rollout_workers=1, learners=1, gpus_per_actor=0.5, preset=COLOCATED_PRESET
+    )
+    images = [png_bytes(noise_image(seed)) for seed in range(config.train.images_per_step)]
+    steps = []
+    with running_system(config) as (system, prompt), DeviceMemory() as memory:
+        for step in (1, 2, 3):
+            with memory.phase("generate"):
+                rollouts = generate(system, config, images, step)
+            advantages = alternating_advantages(rollouts)
+            metrics = update_and_push(
+                system, config, images, prompt, rollouts, advantages, step, memory.phase
+            )
+            with memory.phase("sync_check"):
+                gap = weight_sync_gap(system, config, images[0], prompt, step)
+            steps.append(
+                {
+                    "loss": metrics["loss"],
+                    "sync_gap": gap,
+                    "used_gib_before_sleep": memory.used_at_end["generate"] / (1 << 30),
+                    "used_gib_asleep": memory.used_at_end["sleep"] / (1 << 30),
+                }
+            )
+        total = torch.cuda.mem_get_info()[1]
+    return {
+        "sleep_level": config.cluster.colocate.sleep_level,
+        "keep_weights": config.cluster.colocate.keep_weights,
+        "gpu_memory_utilization": config.rollout.gpu_memory_utilization,
+        "total_gib": total / (1 << 30),
+        "peak_gib_asleep": memory.peak_gib({"train"}),
+        "peak_gib_awake": memory.peak_gib({"generate", "wake", "weight_push", "sync_check"}),
+        "steps": steps,
+        "checks": {
+            "every_push_synced_within_bf16_tolerance": all(
+                s["sync_gap"] < BF16_LOGPROB_TOLERANCE for s in steps
+            ),
+            "sleep_released_device_memory": all(
+                s["used_gib_asleep"] < s["used_gib_before_sleep"] for s in steps
+            ),
         },
     }
 
@@ -811,6 +928,13 @@ STAGES = [
         stage_lora_object_store_push,
     ),
     Stage(
+        "lora_adapter_push",
+        "LoRA learner (ZeRO-3 bf16): the adapter alone pushed through the object store, served by vLLM as a LoRA",
+        1,
+        True,
+        stage_lora_adapter_push,
+    ),
+    Stage(
         "lora_nccl_push",
         "LoRA learner (ZeRO-3 bf16): merged layers pushed over NCCL",
         2,
@@ -830,6 +954,13 @@ STAGES = [
         3,
         True,
         stage_tensor_parallel_nccl,
+    ),
+    Stage(
+        "colocated_loop",
+        "gpu-7b-1gpu-lora on one GPU: engine asleep while the learner trains, peak memory of each",
+        1,
+        True,
+        stage_colocated_loop,
     ),
     Stage("train_run", "a 3-step run of gpu-7b-1node with a small model", 2, True, stage_train_run),
 ]

@@ -18,7 +18,7 @@ SECTIONS = {
     "step": "bench.step",
     # train.max_staleness 0 against 1, rollout worker and learner on a core each (~5 min).
     "async": "bench.async_pipeline",
-    # Full fine-tuning against LoRA (learner.lora): step, push and the learner's memory (~4 min).
+    # Full fine-tuning against LoRA (learner.lora, merged and adapter pushes): step, push, learner memory (~6 min).
     "lora": "bench.lora",
     # Our step against TRL's GRPOTrainer (~30 min; needs `bash bench/setup_trl_venv.sh` first).
     "compare": "bench.compare",

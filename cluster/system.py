@@ -47,6 +47,9 @@ class System:
     policy_version: int = 0
     # Batches generated again because their rollout worker died with them in flight.
     regenerated_batches: int = 0
+    # Weight version -> the object-store buckets of its push, for the last k + 1 versions where a lost
+    # batch is generated again with the weights it was first sampled with (`keeps_pushes`).
+    kept_pushes: dict[int, list] = field(default_factory=dict)
 
     @property
     def rollout_restarts(self) -> int:
@@ -64,6 +67,10 @@ class Generation:
     refs: list | None = None  # one per rollout worker shard
     workers: list | None = None  # the handles the shards went to
     rollouts: list | None = None
+    version: int | None = None  # the policy version it was first submitted with
+    # The weight loads around a batch generated again with the weights it was first sampled with
+    # (`_submit_again`), waited for with it.
+    loads: list = field(default_factory=list)
 
 
 class RemoteCallError(RuntimeError):
@@ -264,6 +271,8 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
             restart=restart,
             free_bytes_to_wait_for=free_bytes,
             memory_release_deadline_s=memory_release_deadline_s(config),
+            colocate=cluster.colocate if cluster.placement == "colocate" else None,
+            lora=config.learner.lora,
             scheduling_strategy=strategy,
         )
 
@@ -271,7 +280,7 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
         return create_reward_worker(config.reward, labels, cluster.reward, seed=config.train.seed)
 
     def make_learners():
-        return create_learner_group(
+        learners = create_learner_group(
             config.learner.num_workers,
             cluster.learner,
             model_path=model_path,
@@ -283,8 +292,16 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
             placement_group=placement["learner"],
             timeout_s=cluster.call_timeout_s,
         )
+        if offloads_learner_states(config):  # the engines generate first: the device is theirs
+            wait([learner.offload_states.remote() for learner in learners], config, "start-up", 0, "learners")
+        return learners
 
     rollout_workers = [make_rollout_worker(i) for i in range(config.rollout.num_workers)]
+    start_figures = [worker.start_figures.remote() for worker in rollout_workers]
+    if cluster.placement == "colocate" and cluster.rollout.num_gpus:
+        # vLLM sizes its KV cache from what the GPU has free while it starts: no learner loading onto
+        # the same GPU meanwhile (a CPU engine's is set in bytes).
+        wait(start_figures, config, "start-up", 0, "rollout workers")
     system = System(
         rollout_workers,
         make_reward(),
@@ -296,13 +313,7 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
     )
     # Asked once the learners are up (the engines started meanwhile): a replacement waits for its
     # predecessor's free device memory.
-    system.rollout_start_figures = wait(
-        [worker.start_figures.remote() for worker in rollout_workers],
-        config,
-        "start-up",
-        0,
-        "rollout workers",
-    )
+    system.rollout_start_figures = wait(start_figures, config, "start-up", 0, "rollout workers")
     if cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step=0)
     return system
@@ -353,7 +364,8 @@ def submit_generation(system: System, config, step: int, rows: list[dict]) -> Ge
     rollout workers) and return at once. Each worker runs its calls in order, so the batch is sampled
     with the weights of the last push submitted before it."""
     images = read_images([row["image"] for row in rows])
-    return _submit(system, config, Generation(step=step, rows=rows, images=images))
+    generation = Generation(step=step, rows=rows, images=images, version=system.policy_version)
+    return _submit(system, config, generation)
 
 
 def _submit(system: System, config, generation: Generation) -> Generation:
@@ -401,12 +413,62 @@ def collect_generation(system: System, config, generation: Generation, oldest_ve
                 if all(worker in system.rollout_workers for worker in generation.workers):
                     replace_dead_rollout_workers(system, config, generation.step, exc)
                 system.regenerated_batches += 1
-                _submit(system, config, generation)
+                _submit_again(system, config, generation)
                 continue
             generation.rollouts = [rollout for rollouts in per_worker for rollout in rollouts]
+            _wait_for_loads(system, config, generation)
         if min(sampled_versions(generation.rollouts)) >= oldest_version:
             return generation.rollouts
         _submit(system, config, generation)
+
+
+def _submit_again(system: System, config, generation: Generation) -> Generation:
+    """Generate a batch lost with its rollout worker again. Where the weights it was first sampled with
+    are kept (`keeps_pushes`: at k >= 1 the learners may have moved on since), every worker loads them
+    before the batch and the current ones after it; a worker runs its calls in order, so the batch is
+    sampled as the first time, with the same version, and nothing after it sees the old weights."""
+    first = system.kept_pushes.get(generation.version)
+    current = system.kept_pushes.get(system.policy_version)
+    if generation.version == system.policy_version or first is None or current is None:
+        return _submit(system, config, generation)
+    workers = list(system.rollout_workers)
+    before = [worker.update_weights.remote(first, generation.version) for worker in workers]
+    _submit(system, config, generation)
+    after = [worker.update_weights.remote(current, system.policy_version) for worker in workers]
+    generation.loads = before + after
+    return generation
+
+
+def _wait_for_loads(system: System, config, generation: Generation) -> None:
+    """Wait for the weight loads around a batch generated again (`_submit_again`); a worker that died
+    after generating it is replaced (and loaded with the current weights)."""
+    loads, generation.loads = generation.loads, []
+    if not loads:
+        return
+    try:
+        wait(loads, config, "weight push", generation.step, "rollout workers")
+    except RemoteCallError as exc:
+        if not is_dead_worker_error(exc.__cause__):
+            raise
+        replace_dead_rollout_workers(system, config, generation.step, exc, phase="weight push")
+
+
+def keeps_pushes(config) -> bool:
+    """Whether the driver keeps the weight buckets of the last k + 1 pushes (`kept_after_push`): with
+    rollout.reproducible_batches at k >= 1 over the object store, so that a batch lost with its rollout
+    worker is generated again as it was first (`_submit_again`). The cost: k more copies of the policy
+    in Ray's object store. Over NCCL nothing is kept, and such a batch is sampled with the newer weights."""
+    return (
+        config.rollout.reproducible_batches
+        and config.train.max_staleness >= 1
+        and config.cluster.resolved_weight_transport == "object_store"
+    )
+
+
+def kept_after_push(kept: dict[int, list], version: int, buckets: list, staleness: int) -> dict[int, list]:
+    """The pushes to keep after pushing `buckets` as `version`: versions version - staleness .. version.
+    Later versions go (the learners went back to a checkpoint, whose steps will be trained again)."""
+    return {v: refs for v, refs in kept.items() if version - staleness <= v < version} | {version: buckets}
 
 
 def sampled_versions(rollouts: list) -> list[int]:
@@ -572,8 +634,11 @@ def restart_learners(system: System, config, step: int, cause: RemoteCallError, 
         loads = [learner.load_checkpoint.remote(str(restored[0])) for learner in system.learners]
         wait(loads, config, "learner restart", step, "learners")
     system.policy_version = restored_step
+    system.kept_pushes.clear()  # the old rank 0 owned them: gone with it
     if config.cluster.resolved_weight_transport == "nccl":
         open_weight_transfer(system, config, step)  # a new group, with the new rank 0 in it
+    if config.cluster.placement == "colocate":
+        wake_rollout_engines(system, config, step)  # the death may have come while they slept
     push_weights(system, config, step)
     system.replacements.append(
         {
@@ -629,6 +694,7 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
     (`workers`, default all; over NCCL always all) and name its version there (system.policy_version),
     which every completion they sample from then on carries. A worker still generating loads it once
     that call is done: a worker runs its calls in order, so a push never lands inside a generation."""
+    import ray
 
     version = system.policy_version
     if config.cluster.resolved_weight_transport == "nccl":
@@ -652,6 +718,10 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
         step,
         "learners",
     )[0]
+    if keeps_pushes(config):
+        system.kept_pushes = kept_after_push(
+            system.kept_pushes, version, bucket_refs, config.train.max_staleness
+        )
     targets = system.rollout_workers if workers is None else workers
     try:
         wait(
@@ -666,6 +736,72 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
             raise
         # A worker that died here is replaced, and the replacement is loaded with these same weights.
         replace_dead_rollout_workers(system, config, step, exc, phase="weight push")
+    except ray.exceptions.ObjectLostError:
+        # The buckets' owner, learner rank 0, died after handing them out: a learner death, which the
+        # driver recovers from (the learners restart from the newest checkpoint and push again).
+        death = peer_death([learner.ping.remote() for learner in system.learners])
+        if death is None:
+            raise
+        raise RemoteCallError(
+            f"step {step}, phase weight push: learners died: {death}", "learners", "weight push"
+        ) from death
+
+
+def update_and_push(
+    system: System, config, images: list[bytes], prompt: str, rollouts: list, advantages, step: int, phase
+) -> dict:
+    """The learners' update, then the push of its weights to the rollout workers; returns the update's
+    metrics. `phase(name)` (a context manager) wraps each part: "sleep", "train", "wake", "weight_push".
+    Colocated, the rollout engines hand their devices to the learners for the update and get them back
+    in two parts: the weights' memory for the push, then the KV cache to generate with."""
+    colocated = config.cluster.placement == "colocate"
+    if colocated:
+        with phase("sleep"):
+            sleep_rollout_engines(system, config, step)
+    with phase("train"):
+        metrics = update(system, config, images, prompt, rollouts, advantages, step)
+    if colocated:
+        with phase("wake"):
+            wake_rollout_weights(system, config, step)
+    with phase("weight_push"):
+        push_weights(system, config, step)
+    if colocated:
+        with phase("wake"):
+            wake_rollout_engines(system, config, step, ("kv_cache",))
+    return metrics
+
+
+def offloads_learner_states(config) -> bool:
+    return config.cluster.placement == "colocate" and config.cluster.colocate.offload_learner_states
+
+
+def sleep_rollout_engines(system: System, config, step: int) -> None:
+    """Colocated, before training: every rollout engine sleeps (cluster.colocate.sleep_level), then the
+    learners' offloaded states come back to the device."""
+    level = config.cluster.colocate.sleep_level
+    wait([w.sleep.remote(level) for w in system.rollout_workers], config, "sleep", step, "rollout workers")
+    if offloads_learner_states(config):
+        wait(
+            [learner.reload_states.remote() for learner in system.learners], config, "sleep", step, "learners"
+        )
+
+
+def wake_rollout_weights(system: System, config, step: int) -> None:
+    """Colocated, after training: the learners' states go to host memory, then every rollout engine takes
+    back its weights' memory for the push (after a level-2 sleep it holds only the kept groups)."""
+    if offloads_learner_states(config):
+        wait(
+            [learner.offload_states.remote() for learner in system.learners], config, "wake", step, "learners"
+        )
+    wake_rollout_engines(system, config, step, ("weights",))
+
+
+def wake_rollout_engines(system: System, config, step: int, tags=("weights", "kv_cache")) -> None:
+    """Colocated: every rollout engine takes back the memory of `tags` ("kv_cache" last: then it
+    generates again). An engine awake already stays as it is."""
+    for tag in tags:
+        waking = [worker.wake_up.remote(tag) for worker in system.rollout_workers]
+        wait(waking, config, "wake", step, "rollout workers")
 
 
 def save_checkpoint(

@@ -15,6 +15,10 @@ before it was submitted, at most k updates older than those it trains, and the l
 tokens by pi_old / mu (learner.off_policy_correction). k = 0 submits each batch just before it trains:
 generate, then train, in turn.
 
+Colocated (cluster.placement=colocate, one GPU is enough), rollout worker i and learner rank i share a
+device and take turns on it within each step: the engines sleep, the learners train, the engines wake
+their weights, the push, the engines wake their KV cache, then the next batch generates. k = 0 only.
+
 A run heals itself (docs/reliability.md): a dead rollout worker or reward actor is replaced inside the
 call that found it (cluster/system.py); a dead learner rank sends the loop back to the newest
 checkpoint, in the same process (`restart_learners_and_rewind`).
@@ -22,6 +26,8 @@ checkpoint, in the same process (`restart_learners_and_rewind`).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import statistics
@@ -49,22 +55,27 @@ from cluster.system import (
     score,
     start_ray,
     submit_generation,
-    update,
+    update_and_push,
     wait,
     weight_sync_gap,
 )
 from configs.runtime_env import apply_default_env, output_to_log, route_logs
 
+log = logging.getLogger("vqr1.train")
+
 
 class PhaseTimer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        # The wall-clock (start, end) of each phase's last run.
+        self.last_span: dict[str, tuple[float, float]] = {}
 
     @contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+        self.last_span[phase] = (wall_start, time.time())
 
 
 def run(config) -> dict:
@@ -143,6 +154,7 @@ def run(config) -> dict:
         )
 
         history, evaluations = [], {}
+        record_engine_extensions(system, config, tracker, start_step)
         before = None if resume else evaluate(system, config, eval_split, tracker, "before", 0)
         if before:
             evaluations[0] = before
@@ -187,6 +199,7 @@ def run(config) -> dict:
                 next_batch = step + 1 + len(ahead)
 
         monitor.flush()
+        record_engine_extensions(system, config, tracker, config.train.steps)  # after the last push
         final = checkpoints.step_dir(Path(config.checkpoint.dir), config.train.steps)
         if not final.is_dir():
             final = save_checkpoint(system, config, config.train.steps, sampler, tracker)
@@ -288,12 +301,11 @@ def grpo_step(system, config, generation: Generation, prompt: str, tracker, lear
         texts = [[c.text for c in rollout.completions] for rollout in rollouts]
         rewards = score(system, config, ids, texts, step)
     advantages = group_advantages(torch.tensor(rewards.total), config.learner.advantage)
-    started = time.time()
-    with timer("train"):
-        learner_metrics = update(system, config, generation.images, prompt, rollouts, advantages, step)
-    learner_busy.append((started, time.time()))
-    with timer("weight_push"):
-        push_weights(system, config, step)
+    # Colocated, the engines sleep for the update and wake for the push and the next batch.
+    learner_metrics = update_and_push(
+        system, config, generation.images, prompt, rollouts, advantages, step, phase=timer
+    )
+    learner_busy.append(timer.last_span["train"])
 
     num_completions = sum(len(r.completions) for r in rollouts)
     num_tokens = sum(len(c.token_ids) for r in rollouts for c in r.completions)
@@ -344,7 +356,6 @@ def log_replacements(system, tracker) -> None:
     """Each replacement not logged yet as the MLflow tag `events.replacement.<n>` (its step, phase, role,
     actor, restart, steps redone and cause, as JSON; a rollout worker's with its index and seed, and
     that seed as `rollout.worker_<i>.seed`)."""
-    import json
 
     for number, event in enumerate(system.replacements, start=1):
         if number <= system.logged_replacements:
@@ -354,6 +365,35 @@ def log_replacements(system, tracker) -> None:
             tags[f"rollout.worker_{event['worker']}.seed"] = str(event["seed"])
         tracker.set_tags(tags)
     system.logged_replacements = len(system.replacements)
+
+
+def record_engine_extensions(system, config, tracker, step: int) -> None:
+    """Where each rollout worker's vLLM workers run the weight-sync extension from: the MLflow tag
+    `rollout.worker_<i>.engine` (JSON: the worker's process id, and per vLLM worker the extension's file,
+    process id and the weight version it holds) and a line of train.log each. The multiprocess engine's
+    workers are processes of vLLM's that import the project themselves, under `ray job submit
+    --working-dir` from the job's copy. Asked at start-up and after the last push; a worker that does
+    not answer is left to the next call that needs it (which replaces it)."""
+    refs = [worker.engine_report.remote() for worker in system.rollout_workers]
+    try:
+        reports = wait(refs, config, "engine report", step, "rollout workers")
+    except RemoteCallError as exc:
+        log.warning("the rollout workers' engine report is skipped: %s", exc)
+        return
+    for index, report in enumerate(reports):
+        log.info(
+            "step %d: rollout worker %d (pid %d), its vLLM worker(s): %s",
+            step,
+            index,
+            report["worker_pid"],
+            report["engine"],
+        )
+    tracker.set_tags(
+        {
+            f"rollout.worker_{index}.engine": json.dumps(report, sort_keys=True)
+            for index, report in enumerate(reports)
+        }
+    )
 
 
 def overlap_seconds(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> float:
@@ -462,8 +502,6 @@ def add_train_parser(subparsers) -> None:
 
 def run_train(args) -> int:
     """Train the preset; a config or data error prints its one message and exits 2."""
-    import json
-
     from configs.load import ConfigError, load_config
     from iqa.report import BadInputError
 

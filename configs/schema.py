@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from configs.sleep import lora_push_targets, pushed_weight_groups, sleep_level_problem
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -205,6 +207,23 @@ class RewardConfig(Section):
 LANGUAGE_MODEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest of vLLM's allowed max_lora_rank values (its LoRAConfig's) that holds an adapter of
+    rank `rank`: the size of the engine's adapter slots for learner.lora.push=adapter."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [value for value in allowed if value >= rank]
+    if not fitting:
+        raise ValueError(
+            f"learner.lora.rank={rank} with learner.lora.push=adapter: vLLM serves adapters of rank at most "
+            f"{allowed[-1]} (max_lora_rank, one of {allowed}); use a smaller rank or learner.lora.push=merged"
+        )
+    return fitting[0]
+
+
 class LoraConfig(Section):
     """learner.lora: train low-rank adapters (peft) instead of the whole model (learner/lora.py)."""
 
@@ -217,8 +236,8 @@ class LoraConfig(Section):
     vision_tower: bool = False
     merger: bool = False
     # How the rollout engines get the trained policy: "merged" pushes W + (alpha / rank) B A of each
-    # adapted module under the base weight's name; "adapter" would load the adapter into vLLM
-    # (LoRARequest), not built yet.
+    # adapted module under the base weight's name; "adapter" pushes A and B alone, which vLLM serves as
+    # a LoRA adapter (LoRARequest) replaced at every push: megabytes instead of the adapted layers.
     push: Literal["merged", "adapter"] = "merged"
 
     @model_validator(mode="after")
@@ -231,10 +250,7 @@ class LoraConfig(Section):
                 "and merger are learner.lora.vision_tower / learner.lora.merger)"
             )
         if self.push == "adapter":
-            raise ValueError(
-                "learner.lora.push=adapter (the adapter loaded into vLLM as a LoRARequest) is not built yet: "
-                "use learner.lora.push=merged, which pushes the merged weights of the adapted modules"
-            )
+            vllm_max_lora_rank(self.rank)
         return self
 
 
@@ -280,14 +296,29 @@ class PlacementConfig(Section):
     cpu_affinity: list[int] | None = None
 
 
+class ColocateConfig(Section):
+    """cluster.colocate: how a rollout engine and a learner rank share a device under
+    cluster.placement=colocate: the engine sleeps while the learner trains (configs/sleep.py)."""
+
+    # 1: the engine's weights wait in host memory (on a GPU); 2: they are dropped and the push writes them
+    # again, all but the groups in keep_weights, kept in host memory by name. Both drop the KV cache.
+    sleep_level: Literal[1, 2] = 1
+    keep_weights: list[str] = Field(default_factory=list)
+    # DeepSpeed's optimizer states, fp32 master weights and gradients go to host memory while the engine
+    # generates, and come back before the learner trains (engine.offload_states / reload_states).
+    offload_learner_states: bool = False
+
+
 class ClusterConfig(Section):
     # Ray address: null starts a local Ray (or joins RAY_ADDRESS when set).
     address: str | None = None
     # The local Ray's node address; on loopback (the default) every process Ray starts listens on it only.
     host: str = "127.0.0.1"
     num_cpus: int | None = None
-    # "dedicated": rollout and learner bundles on separate resources; "colocate": share them.
+    # "dedicated": rollout and learner bundles on separate resources; "colocate": rollout worker i and
+    # learner rank i share bundle i (one device), the engine asleep while the learner trains.
     placement: Literal["dedicated", "colocate"] = "dedicated"
+    colocate: ColocateConfig = Field(default_factory=ColocateConfig)
     rollout: PlacementConfig = Field(default_factory=PlacementConfig)
     learner: PlacementConfig = Field(default_factory=PlacementConfig)
     reward: PlacementConfig = Field(default_factory=lambda: PlacementConfig(num_cpus=0.0))
@@ -409,6 +440,12 @@ class Config(Section):
                 "learner.lora.vision_tower=true puts adapters on the vision tower, which model.freeze_vision=true "
                 "freezes: set one of them to false"
             )
+        if lora is not None and lora.push == "adapter" and self.cluster.resolved_weight_transport == "nccl":
+            raise ValueError(
+                "learner.lora.push=adapter goes through the object store: vLLM 0.32's NCCL weight transfer "
+                "loads what it receives into the base model and drops every LoRA adapter when it finishes "
+                "(reset_lora_state); set cluster.weight_transport=object_store (the adapter is megabytes)"
+            )
         if self.learner.off_policy_correction is None:
             self.learner.off_policy_correction = "tis" if self.train.max_staleness >= 1 else "none"
         rollout = self.rollout
@@ -427,7 +464,55 @@ class Config(Section):
                 f"({self.rollout.num_workers}): some rollout workers would get no image"
             )
         self._check_tensor_parallel()
+        self._check_colocation()
         return self
+
+    def _check_colocation(self) -> None:
+        """Colocated, each device holds a rollout engine and a learner rank that take turns: the engine
+        sleeps while the learner trains (cluster.colocate, configs/sleep.py)."""
+        cluster = self.cluster
+        if cluster.placement != "colocate":
+            return
+        if self.train.max_staleness:
+            raise ValueError(
+                f"train.max_staleness={self.train.max_staleness} with cluster.placement=colocate: a colocated "
+                "rollout engine sleeps while the learner on its device trains, so no batch can be generated "
+                "during training, which is what k >= 1 buys; set train.max_staleness=0"
+            )
+        if cluster.rollout.num_gpus + cluster.learner.num_gpus > 1:
+            raise ValueError(
+                f"cluster.placement=colocate puts a rollout worker and a learner rank on one device: "
+                f"cluster.rollout.num_gpus ({cluster.rollout.num_gpus:g}) + cluster.learner.num_gpus "
+                f"({cluster.learner.num_gpus:g}) must be at most 1 (e.g. 0.5 each)"
+            )
+        if self.rollout.tensor_parallel_size > 1:
+            raise ValueError(
+                "rollout.tensor_parallel_size > 1 with cluster.placement=colocate is not built: a colocated "
+                "engine shares its one device with a learner rank"
+            )
+        if cluster.colocate.offload_learner_states and self.learner.zero_stage == 0:
+            raise ValueError(
+                "cluster.colocate.offload_learner_states needs learner.zero_stage >= 1 (DeepSpeed's "
+                "offload_states moves a ZeRO optimizer's states)"
+            )
+        if (
+            cluster.colocate.offload_learner_states
+            and self.learner.zero_stage == 3
+            and not self.learner.offload_optimizer
+        ):
+            raise ValueError(
+                "cluster.colocate.offload_learner_states with learner.zero_stage=3: DeepSpeed 0.19.8 moves a "
+                "ZeRO-3 optimizer's states only for its FusedAdam, and the learners step torch's AdamW "
+                "(learner/deepspeed_config.py); use learner.zero_stage=2, or learner.offload_optimizer=true "
+                "(the optimizer's states then stay in host memory)"
+            )
+        problem = sleep_level_problem(
+            cluster.colocate.sleep_level,
+            pushed_weight_groups(self.model.freeze_vision, lora_push_targets(self.learner.lora)),
+            set(cluster.colocate.keep_weights),
+        )
+        if problem is not None:
+            raise ValueError(problem)
 
     def _check_tensor_parallel(self) -> None:
         """Room for a tensor-parallel engine's ranks: its worker's bundle holds one GPU per rank, or its

@@ -19,6 +19,7 @@ import ipaddress
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,7 +29,14 @@ from configs.runtime_env import apply_default_env, cpu_affinity_env, pin_from_en
 from configs.schema import LearnerConfig, ModelConfig, PlacementConfig
 from learner.deepspeed_config import deepspeed_config, lr_scheduler_factory, reference_config
 from learner.grpo import grpo_loss, off_policy_metrics, off_policy_sums
-from learner.lora import merged_state_dict, push_plan, pushed_tensors, scaling
+from learner.lora import (
+    adapter_tensor_name,
+    is_adapter_parameter,
+    merged_state_dict,
+    push_plan,
+    pushed_tensors,
+    scaling,
+)
 from learner.policy import (
     PolicySample,
     apply_lora,
@@ -50,6 +58,10 @@ ENGINE_STATE_TAG = "state"
 # With learner.lora, the adapter alone in peft's format (beside the merged policy) in this subfolder.
 ADAPTER_DIR = "adapter"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# What `offload_states` moves to host memory while a colocated engine generates: the optimizer's Adam
+# moments, fp32 master weights and gradient buffers. Not the 16-bit weights: the push and the weight-sync
+# check read them.
+OFFLOADED_STATES = ("optim_states", "hp_params", "lp_grads", "contiguous_grad_buffer")
 
 
 def free_port(host: str) -> int:
@@ -127,6 +139,9 @@ class LearnerWorker:
         self.world_size = world_size
         self.engine = None
         self.weight_sender = None  # the NCCL transport (GPU), opened by open_weight_transfer
+        self.states_offloaded = False  # OFFLOADED_STATES in host memory (`offload_states`)
+        # (time, call) of the calls that hand the device over to a colocated engine and back, in order.
+        self.device_calls: deque[tuple[float, str]] = deque(maxlen=256)
 
     def ping(self) -> int:
         return self.rank
@@ -196,10 +211,14 @@ class LearnerWorker:
         )
         partitioned_at_load = zero3 and all(hasattr(p, "ds_id") for p in policy.parameters())
         self.checkpoint_names = checkpoint_names(policy)
-        self.push_plan = None  # with LoRA: the tensors a merged push sends (learner.lora.push_plan)
+        self.push_plan = None  # with LoRA's merged push: the tensors it sends (learner.lora.push_plan)
         if learner.lora is not None:
             policy = apply_lora(policy, learner.lora)
-            self.push_plan = push_plan([name for name, _ in policy.named_parameters()])
+            names = [name for name, _ in policy.named_parameters()]
+            # The adapter's weights under the names of peft's adapter checkpoint (an adapter push's).
+            self.checkpoint_names |= {n: adapter_tensor_name(n) for n in names if is_adapter_parameter(n)}
+            if learner.lora.push == "merged":
+                self.push_plan = push_plan(names)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
             model=policy,
@@ -246,6 +265,11 @@ class LearnerWorker:
         completions / completion tokens of the whole batch over all ranks: the loss normalizer.
         """
         engine = self._require_setup()
+        if self.states_offloaded:
+            raise RuntimeError(
+                f"learner rank {self.rank}: train_step with its states offloaded: reload_states() first"
+            )
+        self.device_calls.append((time.time(), "train_step"))
         if num_iterations < 1 or total_sequences < 1 or total_tokens < 1:
             raise ValueError(
                 f"need num_iterations, total_sequences and total_tokens >= 1, got {num_iterations}, "
@@ -385,6 +409,43 @@ class LearnerWorker:
             self.weight_sender.close()
             self.weight_sender = None
 
+    def offload_states(self) -> None:
+        """Move OFFLOADED_STATES to host memory (DeepSpeed's engine.offload_states, ZeRO 1-3), freeing the
+        device for a colocated rollout engine; `reload_states` brings them back. Every rank calls it."""
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+        engine = self._require_setup()
+        if not self.states_offloaded:
+            engine.offload_states(
+                include=[OffloadStateTypeEnum(state) for state in OFFLOADED_STATES],
+                pin_memory=torch.cuda.is_available(),  # page-locked: faster copies back; none on the CPU
+            )
+            self.states_offloaded = True
+        self.device_calls.append((time.time(), "offload_states"))
+
+    def reload_states(self) -> None:
+        """Bring the offloaded states back to the device (before training)."""
+        engine = self._require_setup()
+        if self.states_offloaded:
+            engine.reload_states()
+            self.states_offloaded = False
+        self.device_calls.append((time.time(), "reload_states"))
+
+    def device_call_log(self) -> list[tuple[float, str]]:
+        return list(self.device_calls)
+
+    @contextlib.contextmanager
+    def _states_on_device(self) -> Iterator[None]:
+        """The block with every state on the device (DeepSpeed saves and loads them there), then as before."""
+        offloaded = self.states_offloaded
+        if offloaded:
+            self.reload_states()
+        try:
+            yield
+        finally:
+            if offloaded:
+                self.offload_states()
+
     def save_checkpoint(self, directory: str | Path) -> str:
         """The policy in HF format (+ processor) from rank 0, DeepSpeed's engine state from all ranks.
 
@@ -405,7 +466,8 @@ class LearnerWorker:
                 engine.module.get_base_model().save_pretrained(directory, state_dict=merged)
                 engine.module.save_pretrained(directory / ADAPTER_DIR, state_dict=peft_state)
             self.processor.save_pretrained(directory)
-        engine.save_checkpoint(str(directory / ENGINE_STATE_DIR), tag=ENGINE_STATE_TAG)
+        with self._states_on_device():
+            engine.save_checkpoint(str(directory / ENGINE_STATE_DIR), tag=ENGINE_STATE_TAG)
         torch.distributed.barrier()
         return str(directory)
 
@@ -413,7 +475,8 @@ class LearnerWorker:
         """Restore weights, optimizer and LR schedule saved by `save_checkpoint`; returns the optimizer step."""
         engine = self._require_setup()
         state_dir = Path(directory) / ENGINE_STATE_DIR
-        loaded, _ = engine.load_checkpoint(str(state_dir), tag=ENGINE_STATE_TAG)
+        with self._states_on_device():
+            loaded, _ = engine.load_checkpoint(str(state_dir), tag=ENGINE_STATE_TAG)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed engine state under {state_dir}")
         return engine.global_steps
@@ -461,8 +524,9 @@ class LearnerWorker:
     def _pushed_weights(
         self, group_bytes: int, device: str | torch.device = "cpu"
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """What the rollout engines load: the trainable parameters, or with LoRA the merged weights of the
-        adapted layers (`_merged_weights`)."""
+        """What the rollout engines load: the trainable parameters (with LoRA's adapter push: the adapter,
+        under peft's names), or with LoRA's merged push the merged weights of the adapted layers
+        (`_merged_weights`)."""
         if self.push_plan is not None:
             return self._merged_weights(group_bytes, device)
         return self._full_trainable_weights(group_bytes, device)

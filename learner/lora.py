@@ -8,7 +8,8 @@ merge and unmerge builds up over steps, and the adapter disabled is exactly the 
 
 peft wraps the Hugging Face model as `base_model.model.<module>`; an adapted module keeps its weight in
 `<module>.base_layer.weight` and the adapter in `<module>.lora_A.<adapter>.weight` /
-`<module>.lora_B.<adapter>.weight` (`hf_name` strips the wrapping). vLLM packs q/k/v and gate/up into one
+`<module>.lora_B.<adapter>.weight` (`hf_name` strips the wrapping; `adapter_tensor_name` gives the name
+peft's adapter_model.safetensors stores it under, the adapter push's). vLLM packs q/k/v and gate/up into one
 layer each and reloads a layer only when all of its tensors arrive (a layer loaded in part is processed
 with the rest uninitialised), so a push carries the whole packed layer of every adapted module
 (`push_plan`).
@@ -84,6 +85,17 @@ def hf_name(peft_name: str) -> str:
 
 def is_adapter_parameter(peft_name: str) -> bool:
     return ".lora_A." in peft_name or ".lora_B." in peft_name
+
+
+def adapter_tensor_name(peft_name: str, adapter: str = ADAPTER_NAME) -> str:
+    """peft parameter name of an adapter weight -> its name in peft's saved adapter (the adapter's name
+    dropped: `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`), which vLLM's LoRA loader
+    reads."""
+    parts = _adapter_parts(peft_name, adapter)
+    if parts is None or not peft_name.startswith(PEFT_PREFIX):
+        raise ValueError(f"{peft_name!r} is not a weight of peft adapter {adapter!r}")
+    module, part = parts
+    return f"{module}.lora_{part}.weight"
 
 
 @dataclass(frozen=True)

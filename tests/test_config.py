@@ -87,8 +87,9 @@ def test_bad_override_syntax_and_missing_preset(tmp_path):
         ("cpu-tiny", [], "object_store"),
         ("gpu-7b-1node", [], "nccl"),
         ("gpu-7b-1node", ["cluster.weight_transport=object_store"], "object_store"),
-        # Colocated with a GPU each (a bundle of two) still broadcast over NCCL; sharing one GPU cannot.
-        ("gpu-7b-1node", ["cluster.placement=colocate"], "nccl"),
+        # Two ranks cannot share one GPU in an NCCL group: a colocated rollout worker and learner rank
+        # (one GPU between them) push through the object store.
+        ("gpu-7b-1gpu-lora", [], "object_store"),
         ("gpu-7b-1node", ["cluster.rollout.num_gpus=0.5", "cluster.learner.num_gpus=0.5"], "object_store"),
     ],
 )

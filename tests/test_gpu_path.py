@@ -247,11 +247,14 @@ def release(placement: dict) -> None:
         remove_placement_group(group)
 
 
-def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fake_gpu_cluster, monkeypatch):
+def placed_system(config, monkeypatch) -> tuple[list[dict], list[dict], dict]:
+    """create_system of `config` on the fake cluster with stand-in actors: what each rollout worker and
+    learner rank reports (GPUs, node; a worker's seed) and each role's placement group table."""
     import actor.rollout_actor
     import learner.learner_actor
     import rewards.reward_actor
 
+    # Defined here, so cloudpickle sends them by value: Ray's workers cannot import this test module.
     def where() -> dict:
         return {"gpus": [str(i) for i in ray.get_gpu_ids()], "node": ray.get_runtime_context().get_node_id()}
 
@@ -263,6 +266,8 @@ def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fa
             rollout_cfg,
             free_bytes_to_wait_for=None,
             memory_release_deadline_s=0.0,
+            colocate=None,
+            lora=None,
         ) -> None:
             self.seed = rollout_cfg.seed
 
@@ -282,13 +287,15 @@ def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fa
         def setup(self, *args, **kwargs) -> dict:
             return {}
 
+        def offload_states(self) -> None:
+            pass
+
         def report(self) -> dict:
             return where()
 
     monkeypatch.setattr(actor.rollout_actor, "RolloutWorker", RolloutStandIn)
     monkeypatch.setattr(learner.learner_actor, "LearnerWorker", LearnerStandIn)
     monkeypatch.setattr(rewards.reward_actor, "create_reward_worker", lambda *args, **kwargs: None)
-    config = load_config("gpu-7b-1node", ["cluster.weight_transport=object_store"])  # no NCCL to open
     system = create_system(config, Path("unused"), labels={})
     try:
         rollout = ray.get([w.report.remote() for w in system.rollout_workers], timeout=120)
@@ -298,6 +305,12 @@ def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fa
         for handle in system.rollout_workers + system.learners:
             ray.kill(handle)
         release(system.placement_group)
+    return rollout, learners, tables
+
+
+def test_gpu_7b_1node_gives_every_rollout_worker_and_learner_a_gpu_of_its_own(fake_gpu_cluster, monkeypatch):
+    config = load_config("gpu-7b-1node", ["cluster.weight_transport=object_store"])  # no NCCL to open
+    rollout, learners, tables = placed_system(config, monkeypatch)
 
     gpus = [tuple(r["gpus"]) for r in rollout + learners]
     assert all(len(g) == 1 for g in gpus) and len(set(gpus)) == 8  # one GPU each, eight different ones
@@ -337,6 +350,15 @@ def test_gpu_7b_2node_keeps_the_learners_on_one_node(fake_gpu_cluster):
     )
     with pytest.raises(RemoteCallError, match=r"learner bundles \(12 x .*\) were not free on one node"):
         reserve_placement(too_big)
+
+
+def test_gpu_7b_1gpu_lora_puts_the_engine_and_the_learner_in_one_bundle_on_one_gpu(
+    fake_gpu_cluster, monkeypatch
+):
+    rollout, learners, tables = placed_system(load_config("gpu-7b-1gpu-lora"), monkeypatch)
+    assert rollout[0]["gpus"] == learners[0]["gpus"] and len(rollout[0]["gpus"]) == 1
+    assert tables["rollout"] == tables["learner"]  # one placement group for both roles
+    assert list(tables["rollout"]["bundles"].values()) == [{"CPU": 8.0, "GPU": 1.0}]
 
 
 # --- 6. ZeRO-3 learners load into their partitions ----------------------------------------------------
@@ -420,6 +442,36 @@ def test_gpu_check_runs_what_the_preset_runs():
     assert run.model.model_dump(exclude=substituted) == preset.model.model_dump(exclude=substituted)
 
 
+def test_gpu_check_colocated_stage_runs_the_one_gpu_presets_settings():
+    preset = load_config(gpu_check.COLOCATED_PRESET)
+    run = gpu_check.fitted_config(
+        Path("cache"),
+        Path("work"),
+        rollout_workers=1,
+        learners=1,
+        gpus_per_actor=0.5,
+        preset=gpu_check.COLOCATED_PRESET,
+    )
+    assert run.cluster.placement == "colocate" and run.cluster.colocate == preset.cluster.colocate
+    assert run.cluster.colocate.sleep_level == 2 and run.cluster.colocate.offload_learner_states
+    fitted = {"num_workers", "micro_batch_size", "lr"}
+    assert run.learner.model_dump(exclude=fitted) == preset.learner.model_dump(exclude=fitted)
+    assert run.rollout.model_dump(exclude={"num_workers"}) == preset.rollout.model_dump(
+        exclude={"num_workers"}
+    )
+    assert run.cluster.resolved_weight_transport == preset.cluster.resolved_weight_transport == "object_store"
+
+
+def test_gpu_check_memory_peaks_are_those_of_the_named_phases():
+    """colocated_loop's peaks asleep and awake: the largest sample inside the named phases' intervals."""
+    memory = gpu_check.DeviceMemory()
+    memory.phases = [("generate", 0.0, 1.0), ("train", 2.0, 3.0), ("generate", 4.0, 5.0)]
+    memory.samples = [(0.5, 10 << 30), (1.5, 99 << 30), (2.5, 20 << 30), (3.0, 25 << 30), (4.5, 30 << 30)]
+    assert memory.peak_gib({"train"}) == 25  # 99 GiB fell between phases
+    assert memory.peak_gib({"generate"}) == 30 and memory.peak_gib({"generate", "train"}) == 30
+    assert memory.peak_gib({"wake"}) == 0
+
+
 def test_gpu_check_help_lists_the_stages():
     completed = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check", "--help"],
@@ -445,7 +497,7 @@ def test_on_this_cpu_machine_every_stage_is_reported_not_run_with_its_reason(tmp
     one_gpu_cpu_vllm = gpu_check.Machine(gpus=1, vllm_problem="vLLM is its cpu build")
     reasons = {s.name: gpu_check.why_not_run(s, one_gpu_cpu_vllm) for s in gpu_check.STAGES}
     assert reasons["env"] is None and reasons["learner_step"] is None
-    assert reasons["vllm_engine"] == "vLLM is its cpu build"
+    assert reasons["vllm_engine"] == reasons["colocated_loop"] == "vLLM is its cpu build"
     assert reasons["nccl_transport"] == reasons["placement"] == "needs 2 GPUs, 1 visible"
     assert gpu_check.exit_status({"a": {"status": "passed"}, "b": {"status": "not run"}}) == 0
     assert gpu_check.exit_status({"a": {"status": "passed"}, "b": {"status": "failed"}}) == 1

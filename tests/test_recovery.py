@@ -274,3 +274,60 @@ def test_a_reproducible_batch_seeds_each_sample_alike_however_the_images_are_sha
     calls = []
     _submit(SimpleNamespace(rollout_workers=[RecordingWorker(calls)]), unseeded, Generation(5, [], images))
     assert calls[0][2] is None  # the default: the engine's own stream
+
+
+class OrderedWorker:
+    """A rollout worker handle that records, in order, the weight loads and generations it is sent."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.update_weights = SimpleNamespace(
+            remote=lambda refs, version: self.calls.append(("load", version))
+        )
+        self.generate = SimpleNamespace(
+            remote=lambda images, n, seed=None: self.calls.append(("generate", len(images)))
+        )
+
+
+def test_a_lost_batch_is_generated_again_with_the_weights_it_was_first_sampled_with():
+    """At k >= 1 a batch lost with its rollout worker was sampled with an older version than the learners'
+    now. Where that version's push is kept, every worker loads it before the batch and the current
+    version after it; where it is not (or it is the current one), the batch is simply submitted again."""
+    from cluster.system import Generation, _submit_again
+
+    config = load_config("cpu-tiny", ["rollout.reproducible_batches=true", "train.max_staleness=1"])
+    workers = [OrderedWorker(), OrderedWorker()]
+    system = SimpleNamespace(
+        rollout_workers=workers, policy_version=14, kept_pushes={13: ["b13"], 14: ["b14"]}
+    )
+    lost = Generation(step=15, rows=[], images=[b"a", b"b", b"c"], version=13)
+    _submit_again(system, config, lost)
+    assert workers[0].calls == [("load", 13), ("generate", 2), ("load", 14)]
+    assert workers[1].calls == [("load", 13), ("generate", 1), ("load", 14)]
+    assert len(lost.loads) == 4 and len(lost.refs) == 2
+    for version in (14, 12):  # sampled with the current weights; a version no longer kept
+        for worker in workers:
+            worker.calls.clear()
+        again = Generation(step=15, rows=[], images=[b"a", b"b"], version=version)
+        _submit_again(system, config, again)
+        assert [worker.calls for worker in workers] == [[("generate", 1)], [("generate", 1)]]
+        assert again.loads == []
+
+
+def test_the_pushes_kept_are_the_last_k_plus_one_and_only_where_a_batch_can_be_redone_alike():
+    from cluster.system import keeps_pushes, kept_after_push
+
+    kept = {}
+    for version in range(1, 6):
+        kept = kept_after_push(kept, version, [f"b{version}"], staleness=2)
+    assert kept == {3: ["b3"], 4: ["b4"], 5: ["b5"]}
+    # The learners went back to step 3's checkpoint: the pushes after it will be made again.
+    assert kept_after_push(kept, 3, ["b3'"], staleness=2) == {3: ["b3'"]}
+    assert kept_after_push({}, 0, ["b0"], staleness=0) == {0: ["b0"]}
+    seeded = ["rollout.reproducible_batches=true"]
+    assert keeps_pushes(load_config("cpu-tiny", [*seeded, "train.max_staleness=1"]))
+    assert not keeps_pushes(load_config("cpu-tiny", [*seeded, "train.max_staleness=0"]))
+    assert not keeps_pushes(load_config("cpu-tiny", ["train.max_staleness=1"]))
+    assert not keeps_pushes(
+        load_config("gpu-7b-1node", [*seeded, "train.max_staleness=1", "cluster.weight_transport=nccl"])
+    )

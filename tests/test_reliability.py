@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -51,6 +52,31 @@ def committed(tmp_path, step: int) -> bool:
     return (tmp_path / "checkpoints" / f"step-{step:06d}" / "manifest.json").is_file()
 
 
+class BucketOwner:
+    """A learner rank 0 that dies half a second after handing out the buckets it put."""
+
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        import os
+
+        import ray
+
+        threading.Timer(0.5, os._exit, [1]).start()
+        return [ray.put(b"weights")]
+
+    def ping(self) -> int:
+        return 0
+
+
+class BucketReader:
+    """A rollout worker that fetches the buckets a second after it is asked."""
+
+    def update_weights(self, bucket_refs: list, version: int) -> int:
+        import ray
+
+        time.sleep(1)
+        return len(ray.get(bucket_refs))
+
+
 class Sleeper:
     def nap(self, seconds: float) -> str:
         time.sleep(seconds)
@@ -65,11 +91,12 @@ class Sleeper:
 def test_a_hung_call_times_out_and_a_dead_rank_ends_the_wait_at_once_naming_actor_phase_and_step():
     """In one Ray session: a hung remote call ends with a timeout error naming the actor, phase and step;
     one rank killed while the other is blocked (as in a collective with a dead peer) ends the wait at
-    once, not after cluster.call_timeout_s; and a rank whose own call failed because its peer died (its
-    collective lost the connection) is reported as that death, which the driver recovers from."""
+    once, not after cluster.call_timeout_s; a rank whose own call failed because its peer died (its
+    collective lost the connection) is reported as that death, which the driver recovers from; and so is
+    weight buckets' owner that died before a rollout worker fetched them."""
     import ray
 
-    from cluster.system import RemoteCallError, is_dead_actor_call, wait
+    from cluster.system import RemoteCallError, is_dead_actor_call, push_weights, wait
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     # Ray's workers cannot import this test module: ship the Sleeper class by value.
@@ -111,31 +138,45 @@ def test_a_hung_call_times_out_and_a_dead_rank_ends_the_wait_at_once_naming_acto
         # Without a death the task's own error goes through as it is.
         with pytest.raises(ray.exceptions.RayTaskError, match="Connection closed by peer"):
             wait(ray.remote(Sleeper).options(num_cpus=0).remote().fail_after.remote(0), config, "x", 1, "y")
+
+        # Learner rank 0 dies after handing out the weight buckets it owns, before a rollout worker
+        # fetched them (a death found by the rollout side): the push reports a learner death.
+        owner = ray.remote(BucketOwner).options(num_cpus=0).remote()
+        reader = ray.remote(BucketReader).options(num_cpus=0).remote()
+        system = SimpleNamespace(policy_version=3, learners=[owner], rollout_workers=[reader])
+        with pytest.raises(RemoteCallError, match=r"step 6, phase weight push: learners died") as info:
+            push_weights(system, config, 6)
+        assert is_dead_actor_call(info.value, "learners")
+        assert ray.get(reader.update_weights.remote([ray.put(b"w")], 4)) == 1  # the reader is fine
     finally:
         ray.shutdown()
 
 
 @pytest.mark.slow
 def test_a_run_that_loses_each_kind_of_process_heals_itself_and_ends_where_a_fault_free_run_ends(tmp_path):
-    """bench.chaos's short case. A 7-step run (k = 0, the multiprocess engine, a checkpoint every step,
+    """bench.chaos's short case. A 10-step run (k = 0, the multiprocess engine, a checkpoint every step,
     rollout.reproducible_batches) loses the rollout worker's vLLM EngineCore process in step 2, the
-    rollout worker's actor process in step 4, the reward actor in step 5 and a learner rank in step 6.
-    Each fault waits for the line of the step before its own, so the death before it has been found (a
-    learner rank's death can be found a step late, so it comes last; the two rollout deaths are two
-    steps apart, or one replacement would take both). The driver replaces each in the same process (the
+    rollout worker's actor process in step 4, the reward actor in step 6 and a learner rank in step 8 (or
+    later: each fault waits for a whole step after the one before, so that death has been found, however
+    fast the steps run; a learner rank's death can be found a step late, so it comes last, two steps
+    before the end; the two rollout deaths are two steps apart, or one replacement would take both). A
+    step of cpu-tiny can take half a second, so the faults come within 0.3 s of a step's line (later ones
+    would land in a later step). The driver replaces each in the same process (the
     learners from the newest checkpoint) and the run finishes with the trained-images log and the final
     weights of a fault-free run of the same seed; MLflow records each replacement, with its step, phase
     and the steps redone, and each step once."""
     from actor.rollout_actor import engine_seed
 
     faults = [
-        Fault(2, "engine process", 1.0),
-        Fault(4, "rollout actor", 1.0),
-        Fault(5, "reward actor", 0.5),
-        Fault(6, "learner rank", 1.0),
+        Fault(2, "engine process", 0.3),
+        Fault(4, "rollout actor", 0.2),
+        Fault(6, "reward actor", 0.1),
+        Fault(8, "learner rank", 0.0),
     ]
-    report, chaos = chaos_run(7, faults, tmp_path)
-    assert all(fault.killed for fault in faults), [(f.kind, f.killed) for f in faults]
+    report, chaos = chaos_run(10, faults, tmp_path)
+    assert all(fault.killed for fault in faults), ([(f.kind, f.killed) for f in faults], chaos.output[-6000:])
+    hits = [fault.hit_step for fault in faults]
+    assert hits == sorted(set(hits)) and hits[0] >= 2 and hits[-1] <= 10, hits
     assert report["holds"], json.dumps(report, indent=1) + chaos.output[-4000:]
     # Which call finds a dead process depends on how far the driver got when it died: the steps and
     # phases vary, the replacements do not.
@@ -157,7 +198,7 @@ def test_a_run_that_loses_each_kind_of_process_heals_itself_and_ends_where_a_fau
     result = json.loads((tmp_path / "chaos" / "out" / "result.json").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'chaos' / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(result["mlflow_run_id"], "reward/total_mean")]
-    assert sorted(steps) == [1, 2, 3, 4, 5, 6, 7], steps
+    assert sorted(steps) == list(range(1, 11)), steps
     tags = client.get_run(result["mlflow_run_id"]).data.tags
     logged = [json.loads(value) for key, value in tags.items() if key.startswith("events.replacement.")]
     assert sorted(logged, key=json.dumps) == sorted(events, key=json.dumps)

@@ -7,6 +7,7 @@ change its weights.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 
 import numpy as np
@@ -19,6 +20,7 @@ from configs.runtime_env import apply_default_env
 apply_default_env()
 
 from actor.rollout_engine import (  # noqa: E402
+    CPU_SLEEP_WARNING,
     DIGIT_TOP_K,
     LAYER_NOT_LOADED,
     THREAD_BINDING_WARNING,
@@ -29,6 +31,7 @@ from actor.rollout_engine import (  # noqa: E402
     quiet_expected_vllm_warnings,
 )
 from configs.schema import ModelConfig, RolloutConfig  # noqa: E402
+from configs.sleep import WEIGHT_GROUPS  # noqa: E402
 from learner.grpo import token_logprobs  # noqa: E402
 from rewards.parsing import extract_score, score_digit_offset  # noqa: E402
 from vlm.factory import build_checkpoint  # noqa: E402
@@ -254,6 +257,45 @@ def test_shutting_down_a_weight_transfer_never_opened_keeps_the_engine_serving(e
     group; vLLM's call for it is a no-op on an engine with none open (the CPU one has no backend)."""
     engine.shutdown_weight_transfer()
     assert_greedy_matches_transformers(engine, hf_model, noise_image(8))
+
+
+def test_a_sleeping_engine_forgets_its_prefix_cache_and_generates_only_once_fully_awake(engine, hf_model):
+    """Colocated runs (configs/sleep.py). The CPU build has no sleep mode, yet vLLM's engine core pauses
+    the scheduler and resets the prefix cache on sleep and resumes it once weights and KV cache are both
+    back; the same greedy tokens follow. Every parameter vLLM's model holds falls in exactly one of the
+    weight groups that a level-2 sleep is checked against."""
+    scheduler, _ = engine._kv_cache_peak
+    blocks = scheduler.kv_cache_manager.block_pool.blocks
+
+    def prefix_blocks() -> int:  # KV-cache blocks a later prompt with the same prefix would reuse
+        return sum(block.block_hash is not None for block in blocks)
+
+    image = noise_image(9)
+    before = assert_greedy_matches_transformers(engine, hf_model, image)
+    assert prefix_blocks() > 0
+    with vllm_log("vllm.v1.worker.cpu_worker") as records:
+        engine.sleep(2)
+        try:
+            assert prefix_blocks() == 0 and engine.llm.llm_engine.is_sleeping()
+            engine.wake_up("weights")
+            assert engine.asleep and engine.llm.llm_engine.is_sleeping()  # the KV cache is still away
+            with pytest.raises(RuntimeError, match="sleeping rollout engine"):
+                engine.generate([image], 1)
+        finally:
+            engine.wake_up("kv_cache")
+    assert not [r for r in records if r.getMessage().startswith(CPU_SLEEP_WARNING)]  # expected, dropped
+    assert not engine.asleep and not engine.llm.llm_engine.is_sleeping()
+    assert assert_greedy_matches_transformers(engine, hf_model, image) == before
+
+    names = engine.llm.collective_rpc(
+        lambda worker: [n for n, _ in worker.model_runner.model.named_parameters()]
+    )
+    groups = {
+        name: [g for g, pattern in WEIGHT_GROUPS.items() if fnmatch.fnmatchcase(name, pattern)]
+        for name in names[0]
+    }
+    assert {name: found for name, found in groups.items() if len(found) != 1} == {}
+    assert {found[0] for found in groups.values()} == set(WEIGHT_GROUPS)  # the tiny model's head is untied
 
 
 def test_weight_push_makes_vllm_follow_the_new_weights(engine, hf_model):

@@ -196,6 +196,25 @@ def _rank_and_cores(worker) -> tuple[int, list[int], str]:
 
 
 @pytest.mark.slow
+def test_each_rank_reports_its_process_and_holds_the_named_weight_version(engines):
+    """The extension's report (cluster.train tags it per rollout worker): each rank is a process of its
+    own that imported this project's extension, and a named weight version reaches every rank."""
+    import actor.rollout_engine
+
+    one, two = engines
+    assert [report["pid"] for report in one.extension_reports()] == [os.getpid()]  # in-process, one rank
+    try:
+        two.set_weight_version(7)
+        reports = two.extension_reports()
+    finally:
+        two.set_weight_version(0)
+    assert [report["weight_version"] for report in reports] == [7, 7]
+    assert {report["file"] for report in reports} == {actor.rollout_engine.__file__}
+    pids = {report["pid"] for report in reports}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+@pytest.mark.slow
 def test_greedy_logprobs_at_tp2_equal_tp1(engines):
     assert_same_greedy(*engines, [noise_image(seed) for seed in range(3)])
 

@@ -213,14 +213,37 @@ def test_ray_job_submit_refuses_relative_result_paths(ray_head):
 
 
 def test_ray_job_submit_runs_the_tiny_job(ray_head, tmp_path, tiny_overrides):
-    """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards."""
-    job = ray_head(
-        [sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *tiny_overrides(tmp_path, 1)]
+    """`ray job submit` of cpu-tiny to a local head on 127.0.0.1, which the test stops afterwards, with
+    vLLM's multiprocess engine (the GPU presets'): its EngineCore process imports the weight-sync
+    extension from the job's copy of the project, and the step's weight push reaches it."""
+    overrides = tiny_overrides(
+        tmp_path, 1, "rollout.in_process_engine=false", "train.verify_weight_sync=true"
     )
+    job = ray_head([sys.executable, "-m", "cluster.train", "--config", "cpu-tiny", *overrides])
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
     assert "step 1/1" in job.stdout
     assert (tmp_path / "checkpoints" / "step-000001" / "manifest.json").is_file()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = json.loads((tmp_path / "out" / "result.json").read_text())["mlflow_run_id"]
+    run = mlflow.tracking.MlflowClient(uri).get_run(run_id)
+    report = json.loads(run.data.tags["rollout.worker_0.engine"])  # asked after the last push
+    (engine,) = report["engine"]
+    # Ray's unpacked copy of the job's working_dir (cluster.ray_job), not this checkout or an install.
+    path = Path(engine["file"])
+    assert path.parts[-2:] == ("actor", "rollout_engine.py"), path
+    assert path.parts[-4] == "working_dir_files" and path.parts[-3].startswith("_ray_pkg_"), path
+    assert ROOT not in path.parents and "site-packages" not in path.parts, path
+    assert engine["pid"] != report["worker_pid"]  # a process of its own, not the rollout actor
+    # The push after step 1 reached that process, and its weights are the learners' (greedy log-probs).
+    assert engine["weight_version"] == 1
+    (gap,) = metric_history(uri, run_id, "sync/max_abs_logprob_diff")
+    assert gap.step == 1 and gap.value < 1e-3, gap
+    # The user's view of the same: train.log names the engine's file and process at start-up.
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert f"step 0: rollout worker 0 (pid {report['worker_pid']})" in log
+    assert f"'file': '{path}', 'pid': {engine['pid']}" in log
 
 
 def stop_processes_of(temp_dir: Path) -> None:
@@ -246,6 +269,7 @@ def stop_processes_of(temp_dir: Path) -> None:
     assert ours, "found no process of the Ray head this test started"
 
 
+@pytest.mark.long  # make test's time: the chaos, one-GPU and adapter runs came in
 def test_evaluations_between_steps_leave_the_training_samples_alone(first_run, tmp_path, tiny_overrides):
     """Evaluations draw from a stream of their own (eval.seed): the same run evaluating after every step
     trains on the very samples of the first run, which evaluates before and after only."""

@@ -12,6 +12,8 @@ CPU (and any machine without CUDA) -- bytes through the control plane:
              keep that rank's shard.
     The reload path matters: the CPU linear layers prepack their weights and drop `layer.weight`, so a
     direct `model.load_weights` leaves the old weights in use; `reload_weights` re-runs post-load processing.
+    A LoRA adapter (learner.lora.push=adapter) is pushed the same way, its A and B alone, and
+    `load_adapter_buckets` swaps it into the workers' LoRA manager in memory.
 
 GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     every CUDA engine is built with `weight_transfer_config={"backend": "nccl"}`. Each learner rank holds
@@ -99,6 +101,50 @@ class WeightSyncExtension:
 
         self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         return loaded
+
+    def load_adapter_buckets(self, buckets: list[bytes], peft_config: dict, adapter_id: int) -> int:
+        """Load a LoRA adapter pushed as safetensors buckets (peft's saved names, `...lora_A.weight`) in
+        place of the one this worker holds under `adapter_id`; returns the count of tensors loaded.
+
+        vLLM 0.32's own way in (`add_lora` with `load_inplace=True`) reads the adapter from a folder; this
+        builds the same LoRAModel from the tensors in memory, with its loader's checks and the model's
+        renaming, and swaps it in as that path does (vllm/lora/worker_manager.py: `_load_adapter`, then
+        `LRUCacheWorkerLoRAManager.add_adapter`). Each tensor-parallel rank keeps its shard of A and B.
+        """
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        manager = self.model_runner.lora_manager  # the runner's LRUCacheWorkerLoRAManager
+        adapters = manager._adapter_manager
+        peft_helper = PEFTHelper.from_dict(
+            {**peft_config, "vllm_max_position_embeddings": manager.max_position_embeddings}
+        )
+        peft_helper.validate_legal(manager.lora_config)
+        model = adapters.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        tensors = dict(iterate_buckets(buckets))
+        lora = LoRAModel.from_lora_tensors(
+            adapter_id,
+            tensors,
+            peft_helper,
+            device="cpu",
+            dtype=manager.lora_config.lora_dtype,
+            model_vocab_size=manager.vocab_size,
+            weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+        )
+        adapters.remove_adapter(adapter_id)
+        adapters.add_adapter(lora)  # packs q/k/v and gate/up into the model's fused layers
+        # vLLM would leave an adapted module it has no LoRA layer for as the base: refuse instead.
+        unserved = sorted(set(lora.loras) - set(adapters.modules))
+        if unserved:
+            adapters.remove_adapter(adapter_id)
+            raise ValueError(
+                f"vLLM's {type(model).__name__} has no LoRA layer for {len(unserved)} adapted module(s), "
+                f"e.g. {unserved[:3]}"
+            )
+        adapters.activate_adapter(adapter_id)
+        return len(tensors)
 
 
 # ---------------------------------------------------------------------------------------------------
