@@ -68,12 +68,26 @@ class BucketOwner:
 
 
 class BucketReader:
-    """A rollout worker that fetches the buckets a second after it is asked."""
+    """A rollout worker that fetches the buckets only once their owner is known dead (a fixed delay was
+    a race: the owner's object can outlive it in the node's store until the raylet learns of the death)."""
+
+    def __init__(self, owner=None):
+        self.owner = owner
 
     def update_weights(self, bucket_refs: list, version: int) -> int:
         import ray
 
-        time.sleep(1)
+        if self.owner is not None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(self.owner.ping.remote(), timeout=5)
+                except ray.exceptions.RayActorError:
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    continue
+                time.sleep(0.2)
+            time.sleep(1)
         return len(ray.get(bucket_refs))
 
 
@@ -142,7 +156,7 @@ def test_a_hung_call_times_out_and_a_dead_rank_ends_the_wait_at_once_naming_acto
         # Learner rank 0 dies after handing out the weight buckets it owns, before a rollout worker
         # fetched them (a death found by the rollout side): the push reports a learner death.
         owner = ray.remote(BucketOwner).options(num_cpus=0).remote()
-        reader = ray.remote(BucketReader).options(num_cpus=0).remote()
+        reader = ray.remote(BucketReader).options(num_cpus=0).remote(owner)
         system = SimpleNamespace(policy_version=3, learners=[owner], rollout_workers=[reader])
         with pytest.raises(RemoteCallError, match=r"step 6, phase weight push: learners died") as info:
             push_weights(system, config, 6)
