@@ -35,12 +35,13 @@ class RolloutWorker:
         memory_release_deadline_s: float = 0.0,
         colocate: ColocateConfig | None = None,
         lora: LoraConfig | None = None,
+        weight_transfer_backend: str = "nccl",
     ) -> None:
         """free_bytes_to_wait_for: a replacement's predecessor's free device memory before its engine
         started; the engine starts once the device has about that much free again, or after
         memory_release_deadline_s seconds (vLLM then checks the memory itself). colocate: the engine
         shares its device with a learner rank and sleeps while it trains. lora: the learner's (with
-        push=adapter the engine serves its adapter)."""
+        push=adapter the engine serves its adapter). weight_transfer_backend: vLLM's, on CUDA (RolloutEngine)."""
         # A Ray worker is a fresh process: offline/loopback settings must precede the vLLM import.
         from configs.runtime_env import apply_default_env, pin_from_env, route_logs_from_env
 
@@ -63,7 +64,14 @@ class RolloutWorker:
                 )
         self.free_bytes_at_start = device_free_bytes()
         self.seed = rollout_cfg.seed
-        self.engine = RolloutEngine(model_path, model_cfg, rollout_cfg, colocate=colocate, lora=lora)
+        self.engine = RolloutEngine(
+            model_path,
+            model_cfg,
+            rollout_cfg,
+            weight_transfer_backend=weight_transfer_backend,
+            colocate=colocate,
+            lora=lora,
+        )
         # (time, call) of the calls that share the device with a colocated learner, in order.
         self.device_calls: deque[tuple[float, str]] = deque(maxlen=256)
 
@@ -236,12 +244,14 @@ def create_rollout_worker(
     memory_release_deadline_s: float = 0.0,
     colocate: ColocateConfig | None = None,
     lora: LoraConfig | None = None,
+    weight_transfer_backend: str = "nccl",
     **ray_options,
 ):
     """Start rollout worker `worker_index` (its engine seeded by `engine_seed` of its `restart` count)
     with the placement's CPUs/GPUs; returns its handle (Ray must be initialised). A replacement passes
     its predecessor's free device memory and a deadline to wait for it (RolloutWorker); colocate: its
-    engine shares the device with a learner rank; lora: the learner's (RolloutWorker).
+    engine shares the device with a learner rank; lora: the learner's; weight_transfer_backend: vLLM's, on
+    CUDA (RolloutWorker).
 
     `ray_options` go to `.options()` as they are (scheduling_strategy, max_restarts, name, ...).
     """
@@ -264,4 +274,5 @@ def create_rollout_worker(
         memory_release_deadline_s,
         colocate,
         lora,
+        weight_transfer_backend,
     )

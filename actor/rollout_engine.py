@@ -48,7 +48,7 @@ from rewards.parsing import extract_score, score_digit_offset
 from vlm.factory import load_processor
 from vlm.prompts import build_prompt_text
 from vlm.tokens import STOP_TOKENS, VISION_SPECIAL_TOKENS, token_id
-from vlm.weight_sync import WeightSyncExtension, engine_weight_transfer_config
+from vlm.weight_sync import WeightSyncExtension, engine_weight_transfer_config, pickled_ipc_handles
 
 # Top log-probs vLLM returns per position when digit distributions are asked for; digits outside count 0.
 DIGIT_TOP_K = 20
@@ -321,8 +321,8 @@ class RolloutEngine:
         colocate: ColocateConfig | None = None,
         lora: LoraConfig | None = None,
     ) -> None:
-        """weight_transfer_backend: vLLM's weight-transfer backend on CUDA ("nccl", what training uses;
-        "ipc" for a trainer on the same GPU, bench.gpu_check); none on the CPU. colocate: the engine
+        """weight_transfer_backend: vLLM's weight-transfer backend on CUDA ("nccl" for learners on GPUs of
+        their own, "ipc" for a learner rank on the same GPU: cluster.weight_transport); none on the CPU. colocate: the engine
         shares its device with a learner rank and sleeps while it trains (`sleep`, `wake_up`). lora: the
         learner's; with push=adapter the engine serves its adapter (pushes load the adapter, not weights)."""
         # Read by vLLM when the engine is created; in-process start-up is ~20 s faster on the CPU.
@@ -357,6 +357,13 @@ class RolloutEngine:
         if tp > 1 and not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             binding["VLLM_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(sorted(os.sched_getaffinity(0)), tp)
         self._cuda = torch.cuda.is_available()
+        # A multiprocess engine gets CUDA IPC handles (torch objects, which vLLM's message encoding refuses)
+        # pickled; its engine-core process unpickles them only with this set. The socket is local.
+        self._pickles_ipc_handles = (
+            self._cuda and weight_transfer_backend == "ipc" and not rollout_cfg.in_process_engine
+        )
+        if self._pickles_ipc_handles:
+            binding["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
         longest_prompt = max(len(tokenizer(text)["input_ids"]) for text in self.prompt_texts.values())
         max_image_tokens = math.ceil(model_cfg.max_pixels / PIXELS_PER_IMAGE_TOKEN)
@@ -631,7 +638,7 @@ class RolloutEngine:
         """Each vLLM worker's `RolloutWorkerExtension.extension_report`, one per tensor-parallel rank."""
         return self.llm.collective_rpc("extension_report")
 
-    # GPU path (vlm.weight_sync.NcclWeightSender drives these through the Ray actor).
+    # GPU path (vlm.weight_sync.NcclWeightSender or IpcWeightSender drives these through the Ray actor).
     def init_weight_transfer(self, init_info: dict) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
@@ -639,6 +646,8 @@ class RolloutEngine:
         self.llm.start_weight_update()
 
     def receive_weight_update(self, update_info: dict | list[dict]) -> None:
+        if self._pickles_ipc_handles:
+            update_info = pickled_ipc_handles(update_info)
         self.llm.update_weights({"update_info": update_info})
 
     def finish_weight_update(self) -> int:

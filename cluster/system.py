@@ -273,6 +273,7 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
             memory_release_deadline_s=memory_release_deadline_s(config),
             colocate=cluster.colocate if cluster.placement == "colocate" else None,
             lora=config.learner.lora,
+            weight_transfer_backend="ipc" if cluster.resolved_weight_transport == "ipc" else "nccl",
             scheduling_strategy=strategy,
         )
 
@@ -314,19 +315,21 @@ def create_system(config, model_path: Path, labels: dict[str, tuple[float, str]]
     # Asked once the learners are up (the engines started meanwhile): a replacement waits for its
     # predecessor's free device memory.
     system.rollout_start_figures = wait(start_figures, config, "start-up", 0, "rollout workers")
-    if cluster.resolved_weight_transport == "nccl":
+    if cluster.uses_weight_transfer_api:
         open_weight_transfer(system, config, step=0)
     return system
 
 
 def open_weight_transfer(system: System, config, step: int) -> None:
-    """GPU: (re)open the NCCL weight-transfer group of learner rank 0 and every rollout worker.
+    """GPU: (re)open vLLM's weight transfer between the learners and every rollout worker: the NCCL group
+    of learner rank 0 and every vLLM worker, or (colocated) the CUDA IPC senders, which hold the workers'
+    handles.
 
     Every rollout worker answers a ping first: the group's rendezvous waits for all of its ranks, so a
     worker still loading its model (a replacement) would hold the learners there, and a dead one would
-    fail them late and without its name. Then the group open from before (it held a replaced worker) is
-    shut down on both sides, on the engines with vLLM's shutdown_weight_transfer_engine (a no-op where
-    none is open), and the new one opens on a fresh port.
+    fail them late and without its name. Then the transfer open from before (it held a replaced worker)
+    is shut down on both sides, on the engines with vLLM's shutdown_weight_transfer_engine (a no-op where
+    none is open), and the new one opens, an NCCL group on a fresh port.
     """
     phase = "weight transfer setup"
     workers = system.rollout_workers
@@ -335,9 +338,13 @@ def open_weight_transfer(system: System, config, step: int) -> None:
     wait(closing, config, phase, step, "learners")
     shutting = [worker.shutdown_weight_transfer.remote() for worker in workers]
     wait(shutting, config, phase, step, "rollout workers")
-    address, port = wait(system.learners[0].rendezvous_address.remote(), config, phase, step, "learners")
+    transport = config.cluster.resolved_weight_transport
+    address, port = None, None
+    if transport == "nccl":
+        address, port = wait(system.learners[0].rendezvous_address.remote(), config, phase, step, "learners")
     refs = [
         learner.open_weight_transfer.remote(
+            transport,
             workers,
             address,
             port,
@@ -545,7 +552,7 @@ def replace_dead_rollout_workers(
                 "cause": what,
             }
         )
-    if config.cluster.resolved_weight_transport == "nccl":
+    if config.cluster.uses_weight_transfer_api:
         open_weight_transfer(system, config, step)  # a new group, with the replacements in it
     # The replacement starts from the initial weights: load the learners' current ones.
     push_weights(system, config, step, [system.rollout_workers[i] for i in dead])
@@ -635,7 +642,7 @@ def restart_learners(system: System, config, step: int, cause: RemoteCallError, 
         wait(loads, config, "learner restart", step, "learners")
     system.policy_version = restored_step
     system.kept_pushes.clear()  # the old rank 0 owned them: gone with it
-    if config.cluster.resolved_weight_transport == "nccl":
+    if config.cluster.uses_weight_transfer_api:
         open_weight_transfer(system, config, step)  # a new group, with the new rank 0 in it
     if config.cluster.placement == "colocate":
         wake_rollout_engines(system, config, step)  # the death may have come while they slept
@@ -697,9 +704,10 @@ def push_weights(system: System, config, step: int, workers: list | None = None)
     import ray
 
     version = system.policy_version
-    if config.cluster.resolved_weight_transport == "nccl":
-        # Rank 0 broadcasts GPU to GPU. A worker lost mid-broadcast leaves rank 0 blocked in NCCL, so
-        # this ends the run (call_timeout_s) and resume continues from the last checkpoint.
+    if config.cluster.uses_weight_transfer_api:
+        # Rank 0 broadcasts GPU to GPU (NCCL) or hands each engine its GPU's buffer (CUDA IPC). A worker
+        # lost mid-broadcast leaves rank 0 blocked in NCCL, so this ends the run (call_timeout_s), and one
+        # lost mid-IPC push fails rank 0's call: resume continues from the last checkpoint.
         wait(
             [learner.send_weights.remote() for learner in system.learners],
             config,

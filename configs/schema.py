@@ -327,18 +327,31 @@ class ClusterConfig(Section):
     # worker counts), the reward actor, the learner group (all ranks restarted from the newest checkpoint).
     max_restarts: int = Field(3, ge=0)
     # How the learners' weights reach vLLM each step: "object_store" (safetensors buckets through Ray, works
-    # anywhere), "nccl" (GPU to GPU broadcast, vLLM's weight-transfer API), "auto" (nccl when rollout
-    # workers and learners each have whole GPUs: NCCL cannot put two ranks on one GPU).
-    weight_transport: Literal["auto", "object_store", "nccl"] = "auto"
+    # anywhere), "nccl" (GPU to GPU broadcast, vLLM's weight-transfer API), "ipc" (colocated on GPUs: each
+    # learner rank hands its GPU's copy to the engine on that GPU by CUDA IPC handles, vLLM's ipc
+    # backend), "auto" (ipc when colocated on GPUs, nccl when rollout workers and learners each have whole
+    # GPUs, else object_store: NCCL cannot put two ranks on one GPU).
+    weight_transport: Literal["auto", "object_store", "nccl", "ipc"] = "auto"
 
     @property
     def resolved_weight_transport(self) -> str:
         if self.weight_transport != "auto":
             return self.weight_transport
+        if self._colocated_on_gpus():
+            return "ipc"
         return "nccl" if self._whole_gpus_on_both_sides() else "object_store"
+
+    @property
+    def uses_weight_transfer_api(self) -> bool:
+        """Whether pushes go through vLLM's weight-transfer API (learner rank 0 drives the engines;
+        `cluster.system.open_weight_transfer` opens it), not through buckets in the object store."""
+        return self.resolved_weight_transport in ("nccl", "ipc")
 
     def _whole_gpus_on_both_sides(self) -> bool:
         return self.rollout.num_gpus >= 1 and self.learner.num_gpus >= 1
+
+    def _colocated_on_gpus(self) -> bool:
+        return self.placement == "colocate" and self.rollout.num_gpus > 0 and self.learner.num_gpus > 0
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -347,6 +360,13 @@ class ClusterConfig(Section):
                 "cluster.weight_transport=nccl needs whole GPUs on both sides (NCCL cannot put two ranks "
                 f"on one GPU): cluster.rollout.num_gpus={self.rollout.num_gpus}, "
                 f"cluster.learner.num_gpus={self.learner.num_gpus}"
+            )
+        if self.weight_transport == "ipc" and not self._colocated_on_gpus():
+            raise ValueError(
+                "cluster.weight_transport=ipc hands a learner rank's GPU memory to the rollout engine on the "
+                "same GPU: it needs cluster.placement=colocate with GPUs on both sides (got placement="
+                f"{self.placement}, cluster.rollout.num_gpus={self.rollout.num_gpus:g}, "
+                f"cluster.learner.num_gpus={self.learner.num_gpus:g})"
             )
         return self
 
@@ -440,11 +460,12 @@ class Config(Section):
                 "learner.lora.vision_tower=true puts adapters on the vision tower, which model.freeze_vision=true "
                 "freezes: set one of them to false"
             )
-        if lora is not None and lora.push == "adapter" and self.cluster.resolved_weight_transport == "nccl":
+        if lora is not None and lora.push == "adapter" and self.cluster.uses_weight_transfer_api:
             raise ValueError(
-                "learner.lora.push=adapter goes through the object store: vLLM 0.32's NCCL weight transfer "
-                "loads what it receives into the base model and drops every LoRA adapter when it finishes "
-                "(reset_lora_state); set cluster.weight_transport=object_store (the adapter is megabytes)"
+                "learner.lora.push=adapter goes through the object store: vLLM 0.32's weight transfer "
+                f"({self.cluster.resolved_weight_transport}) loads what it receives into the base model and "
+                "drops every LoRA adapter when it finishes (reset_lora_state); set "
+                "cluster.weight_transport=object_store (the adapter is megabytes)"
             )
         if self.learner.off_policy_correction is None:
             self.learner.off_policy_correction = "tis" if self.train.max_staleness >= 1 else "none"

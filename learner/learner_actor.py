@@ -138,7 +138,7 @@ class LearnerWorker:
         self.rank = rank
         self.world_size = world_size
         self.engine = None
-        self.weight_sender = None  # the NCCL transport (GPU), opened by open_weight_transfer
+        self.weight_sender = None  # the NCCL or IPC transport (GPU), opened by open_weight_transfer
         self.states_offloaded = False  # OFFLOADED_STATES in host memory (`offload_states`)
         # (time, call) of the calls that hand the device over to a colocated engine and back, in order.
         self.device_calls: deque[tuple[float, str]] = deque(maxlen=256)
@@ -374,21 +374,36 @@ class LearnerWorker:
 
     def open_weight_transfer(
         self,
+        transport: str,
         rollout_handles: list,
-        master_address: str,
-        master_port: int,
+        master_address: str | None,
+        master_port: int | None,
         workers_per_engine: int,
         timeout_s: float,
     ) -> None:
-        """GPU: join the NCCL weight transfer with every rollout worker (rank 0 hosts it at
-        master_address:master_port and sends); called again, with new handles, after a worker is replaced.
-        Every rank must call it."""
-        from vlm.weight_sync import NcclWeightSender
+        """GPU: join vLLM's weight transfer with every rollout worker, by `transport`: "nccl" (rank 0 hosts
+        the group at master_address:master_port and broadcasts) or "ipc" (colocated: CUDA IPC handles,
+        no address). Called again, with new handles, after a worker is replaced. Every rank must call it."""
+        from vlm.weight_sync import IpcWeightSender, NcclWeightSender
 
         engine = self._require_setup()
         self.close_weight_transfer()
+
+        def pushed():
+            return self._pushed_weights(self.learner.weight_bucket_bytes, device=engine.device)
+
+        if transport == "ipc":
+            self.weight_sender = IpcWeightSender(
+                pushed,
+                self.weight_metadata(),
+                rollout_handles,
+                rank=self.rank,
+                buffer_bytes=self.learner.weight_bucket_bytes,
+                timeout_s=timeout_s,
+            )
+            return
         self.weight_sender = NcclWeightSender(
-            lambda: self._pushed_weights(self.learner.weight_bucket_bytes, device=engine.device),
+            pushed,
             self.weight_metadata(),
             rollout_handles,
             rank=self.rank,
@@ -399,7 +414,7 @@ class LearnerWorker:
         )
 
     def send_weights(self) -> None:
-        """GPU: broadcast the pushed weights into every rollout worker. Every rank must call it."""
+        """GPU: load the pushed weights into every rollout worker. Every rank must call it."""
         if self.weight_sender is None:
             raise RuntimeError(f"learner rank {self.rank}: call open_weight_transfer() first")
         self.weight_sender.push()

@@ -9,8 +9,10 @@ history is the dedicated run's (`first_run`, same settings) at k = 0.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from configs.load import ConfigError, load_config
 from configs.sleep import (
@@ -20,6 +22,7 @@ from configs.sleep import (
     pushed_weight_groups,
     sleep_level_problem,
 )
+from vlm.weight_sync import RolloutWorkersClient, ipc_buffer_bytes, pickled_ipc_handles
 
 PRESETS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 ALL = set(WEIGHT_GROUPS)
@@ -62,7 +65,7 @@ def test_the_one_gpu_preset_keeps_exactly_what_its_lora_push_leaves_out():
     assert set(config.cluster.colocate.keep_weights) == ALL - pushed_groups(config)
     assert config.learner.lora is not None and config.model.freeze_vision
     assert config.cluster.rollout.num_gpus + config.cluster.learner.num_gpus == 1
-    assert config.train.max_staleness == 0 and config.cluster.resolved_weight_transport == "object_store"
+    assert config.train.max_staleness == 0 and config.cluster.resolved_weight_transport == "ipc"
 
 
 def test_a_lora_push_of_some_projections_sends_their_packed_layers_whole():
@@ -83,6 +86,58 @@ def test_an_adapter_push_writes_no_base_weight_so_level_2_must_keep_every_group(
     assert pushed_groups(config) == set()
     keep_all = "cluster.colocate.keep_weights=[" + ", ".join(WEIGHT_GROUPS) + "]"
     load_config("gpu-7b-1gpu-lora", [*adapter, keep_all])
+
+
+def test_an_adapter_push_refuses_cuda_ipc_as_it_refuses_nccl():
+    # vLLM's weight transfer, IPC as NCCL, drops the adapters when it finishes: the way out is named.
+    with pytest.raises(
+        ConfigError, match=r"\(ipc\) loads what it receives.*cluster.weight_transport=object_store"
+    ):
+        load_config("gpu-7b-1gpu-lora", ["learner.lora.push=adapter", "cluster.colocate.sleep_level=1"])
+
+
+def test_ipc_handles_cross_a_multiprocess_engine_pickled_and_come_back_as_vllm_reads_them(monkeypatch):
+    """A multiprocess engine's messages cannot carry torch objects: the handles travel as vLLM's
+    `ipc_handles_pickled`, which its update info turns back into the same handles, and only where the
+    engine core allows it (RolloutEngine sets VLLM_ALLOW_INSECURE_SERIALIZATION there)."""
+    from vllm import envs
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo
+
+    # What reduce_tensor returns for a CUDA tensor (rebuild_cuda_tensor's arguments), with a GPU's UUID.
+    args = (torch.Tensor, torch.Size([4, 2]), (2, 1), 0, torch.UntypedStorage, torch.bfloat16, 0)
+    args += (b"cuda-ipc-handle", 16, 0, False, b"ref-counter", 0, b"event", True)
+    update = {
+        "names": ["model.layers.0.mlp.down_proj.weight"],
+        "dtype_names": ["bfloat16"],
+        "shapes": [[4, 2]],
+        "ipc_handles": {"GPU-5d2c": args},
+        "tensor_sizes": [16],
+    }
+    wire = pickled_ipc_handles(update)
+    assert "ipc_handles" not in wire and isinstance(wire["ipc_handles_pickled"], str)
+    assert update["ipc_handles"] == {"GPU-5d2c": args}  # the caller's update is left as it was
+    envs.disable_envs_cache()
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
+    with pytest.raises(ValueError, match="VLLM_ALLOW_INSECURE_SERIALIZATION=1"):
+        IPCWeightTransferUpdateInfo(**wire)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    read = IPCWeightTransferUpdateInfo(**wire)
+    assert read.ipc_handles == {"GPU-5d2c": args} and read.names == update["names"]
+
+
+def test_the_ipc_push_opens_no_group_and_its_buffer_holds_the_largest_tensor(monkeypatch):
+    sent: list[dict] = []
+    workers = [SimpleNamespace(init_weight_transfer=SimpleNamespace(remote=sent.append)) for _ in range(2)]
+    client = RolloutWorkersClient(workers, None)
+    monkeypatch.setattr(client, "_wait", lambda calls: None)
+    client.init_weight_transfer_engine({"packed": True})
+    assert sent == [{"packed": True}, {"packed": True}]  # no NCCL rank offset for vLLM's IPC init info
+    # A 7B embedding in bf16 (152064 x 3584) is larger than the 1 GiB buckets of the GPU presets.
+    embedding = ("model.embed_tokens.weight", torch.bfloat16, (152064, 3584))
+    projection = ("model.layers.0.mlp.down_proj.weight", torch.bfloat16, (3584, 18944))
+    assert ipc_buffer_bytes([projection], 1 << 30) == 1 << 30
+    assert ipc_buffer_bytes([projection, embedding], 1 << 30) == 152064 * 3584 * 2
+    assert ipc_buffer_bytes([], 64 << 20) == 64 << 20
 
 
 def test_kept_groups_are_known_and_a_tied_output_head_is_kept_as_the_embeddings():

@@ -61,6 +61,7 @@ def test_fidelity_with_one_generation_is_rejected():
         ("learner.zero_stage=4", "zero_stage"),
         ("cluster.placement=everywhere", "placement"),
         ("cluster.weight_transport=nccl", "weight_transport=nccl needs whole GPUs"),
+        ("cluster.weight_transport=ipc", "weight_transport=ipc hands a learner rank's GPU memory"),
         ("model.gradient_checkpointing=true", "share_prompt_forward needs the KV cache"),
     ],
 )
@@ -88,12 +89,15 @@ def test_bad_override_syntax_and_missing_preset(tmp_path):
         ("gpu-7b-1node", [], "nccl"),
         ("gpu-7b-1node", ["cluster.weight_transport=object_store"], "object_store"),
         # Two ranks cannot share one GPU in an NCCL group: a colocated rollout worker and learner rank
-        # (one GPU between them) push through the object store.
-        ("gpu-7b-1gpu-lora", [], "object_store"),
+        # (one GPU between them) push by CUDA IPC, and GPU fractions without colocation through the
+        # object store.
+        ("gpu-7b-1gpu-lora", [], "ipc"),
+        ("gpu-7b-1gpu-lora", ["cluster.weight_transport=object_store"], "object_store"),
         ("gpu-7b-1node", ["cluster.rollout.num_gpus=0.5", "cluster.learner.num_gpus=0.5"], "object_store"),
+        ("cpu-tiny", ["cluster.placement=colocate"], "object_store"),
     ],
 )
-def test_weight_transport_auto_picks_nccl_only_when_both_sides_have_gpus(preset, overrides, transport):
+def test_weight_transport_auto_picks_nccl_or_ipc_only_when_both_sides_have_gpus(preset, overrides, transport):
     assert load_config(preset, overrides).cluster.resolved_weight_transport == transport
 
 

@@ -162,9 +162,49 @@ def test_the_transfer_group_reopens_after_every_worker_answers_and_the_old_group
         ("learner0", "open_weight_transfer"),
         ("learner1", "open_weight_transfer"),
     ]
-    handles, address, port, per_engine, timeout = log[-1][2]
+    transport, handles, address, port, per_engine, timeout = log[-1][2]
     assert [h.name for h in handles] == current
-    assert (address, port, per_engine, timeout) == ("10.0.0.1", 29500, 1, config.cluster.call_timeout_s)
+    assert (transport, address, port, per_engine, timeout) == (
+        "nccl",
+        "10.0.0.1",
+        29500,
+        1,
+        config.cluster.call_timeout_s,
+    )
+
+
+def test_colocated_gpus_open_the_ipc_transfer_without_an_address_and_push_through_it(immediate_wait):
+    """CUDA IPC (colocated on GPUs): the same opening as NCCL less the rendezvous (no group, no port),
+    every rank told the transport; a push is the learners' send_weights, then the version named on every
+    worker, with no buckets in the object store."""
+    log = []
+    system = fake_system(log)
+    config = load_config("gpu-7b-1gpu-lora")
+    assert config.cluster.resolved_weight_transport == "ipc"
+    open_weight_transfer(system, config, step=0)
+    calls = [(name, method) for name, method, _ in log]
+    assert calls == [
+        ("rollout0", "ping"),
+        ("rollout1", "ping"),
+        ("learner0", "close_weight_transfer"),
+        ("learner1", "close_weight_transfer"),
+        ("rollout0", "shutdown_weight_transfer"),
+        ("rollout1", "shutdown_weight_transfer"),
+        ("learner0", "open_weight_transfer"),
+        ("learner1", "open_weight_transfer"),
+    ]
+    transport, handles, address, port, _, _ = log[-1][2]
+    assert (transport, address, port) == ("ipc", None, None) and handles == system.rollout_workers
+
+    log.clear()
+    system.policy_version = 5
+    system_module.push_weights(system, config, step=5)
+    assert [(name, method, args) for name, method, args in log] == [
+        ("learner0", "send_weights", ()),
+        ("learner1", "send_weights", ()),
+        ("rollout0", "set_weight_version", (5,)),
+        ("rollout1", "set_weight_version", (5,)),
+    ]
 
 
 def test_a_worker_that_does_not_answer_stops_the_opening_before_anything_is_shut(immediate_wait):
@@ -268,18 +308,26 @@ def placed_system(config, monkeypatch) -> tuple[list[dict], list[dict], dict]:
             memory_release_deadline_s=0.0,
             colocate=None,
             lora=None,
+            weight_transfer_backend="nccl",
         ) -> None:
             self.seed = rollout_cfg.seed
+            self.backend = weight_transfer_backend
 
         def start_figures(self) -> dict:
             return {"seed": self.seed, "free_bytes": None}
 
+        def ping(self) -> str:
+            return "ok"
+
+        def shutdown_weight_transfer(self) -> None:
+            pass
+
         def report(self) -> dict:
-            return {**where(), "seed": self.seed}
+            return {**where(), "seed": self.seed, "backend": self.backend}
 
     class LearnerStandIn:
         def __init__(self, rank, world_size) -> None:
-            pass
+            self.transport = None
 
         def rendezvous_address(self):
             return "127.0.0.1", 0
@@ -290,8 +338,14 @@ def placed_system(config, monkeypatch) -> tuple[list[dict], list[dict], dict]:
         def offload_states(self) -> None:
             pass
 
+        def close_weight_transfer(self) -> None:
+            pass
+
+        def open_weight_transfer(self, transport, *args) -> None:
+            self.transport = transport
+
         def report(self) -> dict:
-            return where()
+            return {**where(), "transport": self.transport}
 
     monkeypatch.setattr(actor.rollout_actor, "RolloutWorker", RolloutStandIn)
     monkeypatch.setattr(learner.learner_actor, "LearnerWorker", LearnerStandIn)
@@ -357,6 +411,8 @@ def test_gpu_7b_1gpu_lora_puts_the_engine_and_the_learner_in_one_bundle_on_one_g
 ):
     rollout, learners, tables = placed_system(load_config("gpu-7b-1gpu-lora"), monkeypatch)
     assert rollout[0]["gpus"] == learners[0]["gpus"] and len(rollout[0]["gpus"]) == 1
+    # The engine is built for vLLM's IPC backend and the learner opened its IPC sender to it.
+    assert rollout[0]["backend"] == "ipc" and learners[0]["transport"] == "ipc"
     assert tables["rollout"] == tables["learner"]  # one placement group for both roles
     assert list(tables["rollout"]["bundles"].values()) == [{"CPU": 8.0, "GPU": 1.0}]
 
@@ -459,7 +515,7 @@ def test_gpu_check_colocated_stage_runs_the_one_gpu_presets_settings():
     assert run.rollout.model_dump(exclude={"num_workers"}) == preset.rollout.model_dump(
         exclude={"num_workers"}
     )
-    assert run.cluster.resolved_weight_transport == preset.cluster.resolved_weight_transport == "object_store"
+    assert run.cluster.resolved_weight_transport == preset.cluster.resolved_weight_transport == "ipc"
 
 
 def test_gpu_check_memory_peaks_are_those_of_the_named_phases():

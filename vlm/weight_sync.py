@@ -1,7 +1,8 @@
 """Moving the learner's weights into running vLLM engines.
 
-Two transports, chosen by `cluster.weight_transport` (`auto`: NCCL when rollout workers and learners
-have GPUs; the driver's `push_weights` uses the one chosen):
+Three transports, chosen by `cluster.weight_transport` (`auto`: CUDA IPC when each GPU holds a rollout
+engine and a learner rank, NCCL when rollout workers and learners have GPUs of their own; the driver's
+`push_weights` uses the one chosen):
 
 CPU (and any machine without CUDA) -- bytes through the control plane:
     learner: `serialize_buckets(model.named_parameters())` -> list of safetensors blobs (<= 64 MiB each,
@@ -28,6 +29,11 @@ GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     `RolloutEngine.finish_weight_update`. This path cannot run on the CPU machines this project is
     tested on (vLLM's broadcast code needs CUDA streams even with NCCL replaced); there only the
     announced metadata is tested against what the bucket path pushes.
+
+GPU, colocated (a rollout engine and a learner rank on each GPU) -- vLLM's "ipc" backend: the engines
+    are built with `weight_transfer_config={"backend": "ipc"}` and each learner rank holds an
+    `IpcWeightSender`; the same client and `RolloutEngine` calls as NCCL carry CUDA IPC handles of a
+    buffer on each rank's GPU instead of opening a group (`IpcWeightSender` says how).
 
 Names are Hugging Face names (either the learner's `model.language_model.*` / `model.visual.*` or the
 checkpoint's `model.*` / `visual.*`): vLLM's Qwen2.5-VL loader maps both.
@@ -162,9 +168,10 @@ class RolloutWorkersClient:
 
     Unlike vLLM's `RayVLLMWeightSyncClient` (which assumes one engine), each independent engine gets its
     own NCCL rank offset: engine i's workers take ranks 1 + i * workers_per_engine ... (rank 0 = learner).
+    workers_per_engine None: a transport without a group (CUDA IPC), no ranks to hand out.
     """
 
-    def __init__(self, handles: list, workers_per_engine: int, timeout_s: float | None = None) -> None:
+    def __init__(self, handles: list, workers_per_engine: int | None, timeout_s: float | None = None) -> None:
         self.handles = handles
         self.workers_per_engine = workers_per_engine
         self.timeout_s = timeout_s
@@ -175,13 +182,13 @@ class RolloutWorkersClient:
         ray.get(calls, timeout=self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        def engine_info(i: int) -> dict[str, Any]:
+            if self.workers_per_engine is None:
+                return init_info
+            return {**init_info, "rank_offset": 1 + i * self.workers_per_engine}
+
         self._wait(
-            [
-                handle.init_weight_transfer.remote(
-                    {**init_info, "rank_offset": 1 + i * self.workers_per_engine}
-                )
-                for i, handle in enumerate(self.handles)
-            ]
+            [handle.init_weight_transfer.remote(engine_info(i)) for i, handle in enumerate(self.handles)]
         )
 
     def start_weight_update(self) -> None:
@@ -263,6 +270,73 @@ class NcclWeightSender:
 
     def close(self) -> None:
         self._engine.shutdown()
+
+
+class IpcWeightSender:
+    """One learner rank's end of the CUDA IPC push, colocated (cluster.placement=colocate): rollout worker
+    i shares learner rank i's GPU. Every rank copies the pushed tensors, chunk by chunk, into one IPC
+    buffer of its own (`buffer_bytes`, at least the largest tensor) and all ranks all-gather the buffers'
+    handles over the learners' process group; rank 0 hands the merged handles to every engine, and each
+    engine reads the buffer on its own GPU (vLLM's ipc backend, chosen by GPU UUID). Nothing leaves the
+    GPU and nothing is opened: no port, no group. An engine that dies mid-push fails rank 0's call (the
+    run ends, and resume goes on from the last checkpoint, as with NCCL).
+    """
+
+    def __init__(
+        self,
+        named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+        metadata: list[WeightMeta],
+        rollout_handles: list,
+        *,
+        rank: int,
+        buffer_bytes: int,
+        timeout_s: float | None = None,
+    ) -> None:
+        from vllm.distributed.weight_transfer.ipc_engine import (
+            IPCTrainerInitInfo,
+            IPCTrainerWeightTransferEngine,
+        )
+
+        client = RolloutWorkersClient(rollout_handles, None, timeout_s)
+        init_info = IPCTrainerInitInfo(
+            rank=rank, packed=True, packed_buffer_size_bytes=ipc_buffer_bytes(metadata, buffer_bytes)
+        )
+        self._engine = IPCTrainerWeightTransferEngine.trainer_init(
+            init_info, client=client, source=NamedTensorSource(named_tensors, metadata)
+        )
+
+    def push(self) -> None:
+        """start_weight_update -> a chunk at a time: copy into the buffer, all-gather the handles, rank 0
+        ships them and waits for every engine to load -> finish (caches reset)."""
+        self._engine.send_weights()
+
+    def close(self) -> None:
+        self._engine.shutdown()
+
+
+def pickled_ipc_handles(update_info: dict) -> dict:
+    """An IPC update's handles as vLLM's `ipc_handles_pickled` (base64 of their pickle), the form a
+    multiprocess engine's messages can carry (its engine core must run with
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 to read it)."""
+    import base64
+    import pickle
+
+    info = {key: value for key, value in update_info.items() if key != "ipc_handles"}
+    info["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(update_info["ipc_handles"])).decode()
+    return info
+
+
+def ipc_buffer_bytes(metadata: list[WeightMeta], bucket_bytes: int) -> int:
+    """The IPC push's buffer: `bucket_bytes`, or the largest pushed tensor where that is larger (vLLM's
+    packed producer refuses a tensor bigger than its buffer; a 7B embedding is 1.09 GB in bf16)."""
+    largest = max(
+        (
+            torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            for _, dtype, shape in metadata
+        ),
+        default=0,
+    )
+    return max(bucket_bytes, largest)
 
 
 # ---------------------------------------------------------------------------------------------------
