@@ -344,19 +344,27 @@ def compare(reference: RunResult, chaos: RunResult, steps: int) -> dict:
     }
 
 
+# `--colocate`: each rollout worker shares its bundle with a learner rank and sleeps while it trains.
+COLOCATED = (
+    "cluster.placement=colocate",
+    "cluster.colocate.sleep_level=2",
+    "cluster.colocate.offload_learner_states=true",
+)
+
+
 def chaos_run(
-    steps: int, faults: list[Fault], work: Path, seed: int = 0, max_staleness: int = 0
+    steps: int, faults: list[Fault], work: Path, seed: int = 0, max_staleness: int = 0, extra: tuple = ()
 ) -> tuple[dict, RunResult]:
-    """The fault-free reference run, then the run with `faults`; their comparison and the chaos run. The
-    reference runs the in-process engine (it starts faster): with per-request seeds both engines draw
-    the same completions."""
-    staleness = f"train.max_staleness={max_staleness}"
+    """The fault-free reference run, then the run with `faults`, both with the `extra` overrides; their
+    comparison and the chaos run. The reference runs the in-process engine (it starts faster): with
+    per-request seeds both engines draw the same completions."""
+    settings = (f"train.max_staleness={max_staleness}", *extra)
     reference = run_with_faults(
-        work / "reference", steps, [], extra=(staleness, "rollout.in_process_engine=true")
+        work / "reference", steps, [], extra=(*settings, "rollout.in_process_engine=true")
     )
     if reference.code != 0:
         raise RuntimeError("the fault-free run failed\n" + reference.output[-3000:])
-    chaos = run_with_faults(work / "chaos", steps, faults, seed, extra=(staleness,))
+    chaos = run_with_faults(work / "chaos", steps, faults, seed, extra=settings)
     return compare(reference, chaos, steps), chaos
 
 
@@ -398,12 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-staleness", type=int, default=0, help="train.max_staleness k of both runs")
     parser.add_argument(
+        "--colocate",
+        action="store_true",
+        help="both runs colocated (cluster.placement=colocate, sleep level 2, learner states offloaded)",
+    )
+    parser.add_argument(
         "--work", type=Path, default=None, help="folder for both runs (default: a temporary one)"
     )
     args = parser.parse_args(argv)
     faults = schedule(args.seed, args.steps, args.faults, args.step_seconds)
     work = args.work or Path(tempfile.mkdtemp(prefix="vqr1-chaos-"))
-    report, _ = chaos_run(args.steps, faults, work, args.seed, args.max_staleness)
+    extra = COLOCATED if args.colocate else ()
+    report, _ = chaos_run(args.steps, faults, work, args.seed, args.max_staleness, extra)
     print_report(report)
     (work / "chaos.json").write_text(json.dumps(report, indent=1))
     print(f"report: {work / 'chaos.json'}")

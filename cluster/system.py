@@ -783,11 +783,27 @@ def offloads_learner_states(config) -> bool:
     return config.cluster.placement == "colocate" and config.cluster.colocate.offload_learner_states
 
 
+def hand_over(system: System, config, step: int, phase: str, method: str, *args) -> None:
+    """Colocated: `method(*args)` (sleep, wake_up) on every rollout worker. A worker found dead, its actor
+    or its engine, is replaced (`replace_dead_rollout_workers`: a fresh engine, awake, loaded with the
+    learners' current weights) and the call made on the replacement, which then joins the others."""
+    workers = list(system.rollout_workers)
+    while workers:
+        try:
+            wait([getattr(w, method).remote(*args) for w in workers], config, phase, step, "rollout workers")
+            return
+        except RemoteCallError as exc:
+            if not is_dead_worker_error(exc.__cause__):
+                raise
+            before = list(system.rollout_workers)
+            replace_dead_rollout_workers(system, config, step, exc, phase=phase)
+            workers = [new for old, new in zip(before, system.rollout_workers, strict=True) if new is not old]
+
+
 def sleep_rollout_engines(system: System, config, step: int) -> None:
     """Colocated, before training: every rollout engine sleeps (cluster.colocate.sleep_level), then the
     learners' offloaded states come back to the device."""
-    level = config.cluster.colocate.sleep_level
-    wait([w.sleep.remote(level) for w in system.rollout_workers], config, "sleep", step, "rollout workers")
+    hand_over(system, config, step, "sleep", "sleep", config.cluster.colocate.sleep_level)
     if offloads_learner_states(config):
         wait(
             [learner.reload_states.remote() for learner in system.learners], config, "sleep", step, "learners"
@@ -808,8 +824,7 @@ def wake_rollout_engines(system: System, config, step: int, tags=("weights", "kv
     """Colocated: every rollout engine takes back the memory of `tags` ("kv_cache" last: then it
     generates again). An engine awake already stays as it is."""
     for tag in tags:
-        waking = [worker.wake_up.remote(tag) for worker in system.rollout_workers]
-        wait(waking, config, "wake", step, "rollout workers")
+        hand_over(system, config, step, "wake", "wake_up", tag)
 
 
 def save_checkpoint(

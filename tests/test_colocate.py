@@ -276,3 +276,20 @@ def test_a_colocated_run_trains_exactly_as_the_dedicated_one_at_k_0(colocated_ru
         ]
     ] == [1, 2, 3]
     assert result["after"] == first["after"]
+
+
+@pytest.mark.long
+def test_a_colocated_run_that_loses_a_learner_rank_a_rollout_worker_and_the_reward_actor_heals(tmp_path):
+    """bench.chaos --colocate: a colocated run (level 2, states offloaded) loses a learner rank while its
+    engine generates (found at the next hand-over: the learners restart from the newest checkpoint, the
+    engines are woken whole and take the restored weights), a rollout worker's actor half a second into
+    a step (mostly while it sleeps: found by the wake-up, `cluster.system.hand_over`) and the reward
+    actor; it trains the fault-free colocated run's images into its final weights."""
+    from bench.chaos import COLOCATED, Fault, chaos_run
+
+    faults = [Fault(2, "learner rank", 0.0), Fault(4, "rollout actor", 0.5), Fault(6, "reward actor", 0.1)]
+    report, chaos = chaos_run(8, faults, tmp_path, extra=COLOCATED)
+    assert all(fault.killed for fault in faults), chaos.output[-6000:]
+    assert report["holds"], chaos.output[-4000:]
+    events = report["replacements"]
+    assert sorted(e["role"] for e in events) == ["learner group", "reward actor", "rollout worker"], events

@@ -331,3 +331,74 @@ def test_the_pushes_kept_are_the_last_k_plus_one_and_only_where_a_batch_can_be_r
     assert not keeps_pushes(
         load_config("gpu-7b-1node", [*seeded, "train.max_staleness=1", "cluster.weight_transport=nccl"])
     )
+
+
+class HandOverWorker:
+    """A rollout worker handle whose calls are logged as (name, method, args); a dead one's calls fail."""
+
+    def __init__(self, name: str, log: list, dead: bool = False) -> None:
+        self.name, self.log, self.dead = name, log, dead
+
+    def __getattr__(self, method: str):
+        def remote(*args):
+            self.log.append((self.name, method, args))
+            return "dead" if self.dead else "ok"
+
+        return SimpleNamespace(remote=remote)
+
+
+def test_a_rollout_worker_found_dead_at_a_colocated_hand_over_is_replaced_and_joins_the_others(monkeypatch):
+    """Colocated, a rollout worker can die while its engine sleeps (the learner training): the sleep or
+    wake call finds it, it is replaced (awake, with the learners' weights) and the call is made on the
+    replacement alone, so every engine ends in the same state. Other errors end the call as they are."""
+    import cluster.system as system_module
+    from cluster.system import sleep_rollout_engines, wake_rollout_engines
+
+    log: list = []
+
+    def fake_wait(refs, config, phase, step, actor):
+        if "dead" in refs:
+            raise RemoteCallError(f"step {step}, phase {phase}: {actor} died", actor, phase) from (
+                ray.exceptions.RayActorError()
+            )
+        if "broken" in refs:
+            raise RemoteCallError(f"step {step}, phase {phase}: {actor} failed", actor, phase)
+        return refs
+
+    def fake_replace(system, config, step, cause, phase):
+        log.append(("replace", phase, step))
+        for index, worker in enumerate(system.rollout_workers):
+            if worker.dead:
+                system.rollout_workers[index] = HandOverWorker(f"new{index}", log)
+
+    monkeypatch.setattr(system_module, "wait", fake_wait)
+    monkeypatch.setattr(system_module, "replace_dead_rollout_workers", fake_replace)
+    config = load_config("cpu-tiny", ["cluster.placement=colocate", "cluster.colocate.sleep_level=2"])
+    system = SimpleNamespace(
+        rollout_workers=[HandOverWorker("w0", log), HandOverWorker("w1", log, dead=True)], learners=[]
+    )
+    sleep_rollout_engines(system, config, 3)
+    assert log == [
+        ("w0", "sleep", (2,)),
+        ("w1", "sleep", (2,)),
+        ("replace", "sleep", 3),
+        ("new1", "sleep", (2,)),
+    ]
+
+    log.clear()
+    system.rollout_workers[0].dead = True  # dies while asleep; found when the weights wake
+    wake_rollout_engines(system, config, 4)
+    assert log == [
+        ("w0", "wake_up", ("weights",)),
+        ("new1", "wake_up", ("weights",)),
+        ("replace", "wake", 4),
+        ("new0", "wake_up", ("weights",)),
+        ("new0", "wake_up", ("kv_cache",)),
+        ("new1", "wake_up", ("kv_cache",)),
+    ]
+
+    log.clear()
+    system.rollout_workers[1] = SimpleNamespace(sleep=SimpleNamespace(remote=lambda level: "broken"))
+    with pytest.raises(RemoteCallError, match="step 5, phase sleep: rollout workers failed"):
+        sleep_rollout_engines(system, config, 5)
+    assert ("replace", "sleep", 5) not in log
