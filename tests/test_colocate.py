@@ -283,8 +283,9 @@ def test_a_colocated_run_that_loses_a_learner_rank_a_rollout_worker_and_the_rewa
     """bench.chaos --colocate: a colocated run (level 2, states offloaded) loses a learner rank while its
     engine generates (found at the next hand-over: the learners restart from the newest checkpoint, the
     engines are woken whole and take the restored weights), a rollout worker's actor half a second into
-    a step (mostly while it sleeps: found by the wake-up, `cluster.system.hand_over`) and the reward
-    actor; it trains the fault-free colocated run's images into its final weights."""
+    a step (found by whichever call comes next: a generation, or a sleep or wake-up, `hand_over`, whose
+    own case is in tests/test_recovery.py) and the reward actor; it trains the fault-free colocated
+    run's images into its final weights."""
     from bench.chaos import COLOCATED, Fault, chaos_run
 
     faults = [Fault(2, "learner rank", 0.0), Fault(4, "rollout actor", 0.5), Fault(6, "reward actor", 0.1)]
