@@ -957,7 +957,7 @@ STAGES = [
     ),
     Stage(
         "colocated_loop",
-        "gpu-7b-1gpu-lora on one GPU: engine asleep while the learner trains, peak memory of each",
+        "gpu-7b-1gpu-lora on one GPU: engine asleep while the learner trains, CUDA IPC push, peak memory of each",
         1,
         True,
         stage_colocated_loop,
