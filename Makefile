@@ -28,7 +28,8 @@ test: setup
 	$(PY) -m pytest -q --durations=10 -m "not long" $(ARGS)
 
 # The base-model pipeline's 400-step cold start on the tiny preset, checked against its format target, the
-# k = 0 loop against a plain loop written out, and LoRA's exact resume (~7 min).
+# k = 0 loop against a plain loop written out, LoRA's exact resume, evaluations between steps and a
+# colocated run that loses processes (~12 min).
 test-long: setup
 	$(PY) -m pytest -q -m long $(ARGS)
 
