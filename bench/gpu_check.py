@@ -14,14 +14,12 @@ crashed, 2 no stage could run.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -468,8 +466,8 @@ def stage_lora_nccl_push(cache: Path, work: Path, gpus: int) -> dict:
 
 
 class LocalEngineClient:
-    """vLLM's weight-sync client protocol over an in-process RolloutEngine. The IPC handles travel
-    pickled: the engine core is another process, and vLLM's message encoding refuses torch objects."""
+    """vLLM's weight-sync client protocol over a RolloutEngine in this process (which pickles the IPC
+    handles for a multiprocess engine core: `vlm.weight_sync.pickled_ipc_handles`)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -481,9 +479,7 @@ class LocalEngineClient:
         self.engine.start_weight_update()
 
     def update_weights(self, update_info: dict) -> None:
-        info = dict(update_info)
-        info["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(info.pop("ipc_handles"))).decode()
-        self.engine.receive_weight_update(info)
+        self.engine.receive_weight_update(update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.engine.finish_weight_update()
@@ -501,7 +497,6 @@ def stage_ipc_weight_transfer(cache: Path, work: Path, gpus: int) -> dict:
     from vlm.prompts import build_prompt_text
     from vlm.weight_sync import NamedTensorSource
 
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the engine core unpickles the IPC handles
     config = fitted_config(
         cache,
         work,
