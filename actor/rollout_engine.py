@@ -638,7 +638,7 @@ class RolloutEngine:
         """Each vLLM worker's `RolloutWorkerExtension.extension_report`, one per tensor-parallel rank."""
         return self.llm.collective_rpc("extension_report")
 
-    # GPU path (vlm.weight_sync.NcclWeightSender or IpcWeightSender drives these through the Ray actor).
+    # GPU path (a vlm.weight_sync.WeightSender, NCCL or IPC, drives these through the Ray actor).
     def init_weight_transfer(self, init_info: dict) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 

@@ -384,32 +384,20 @@ class LearnerWorker:
         """GPU: join vLLM's weight transfer with every rollout worker, by `transport`: "nccl" (rank 0 hosts
         the group at master_address:master_port and broadcasts) or "ipc" (colocated: CUDA IPC handles,
         no address). Called again, with new handles, after a worker is replaced. Every rank must call it."""
-        from vlm.weight_sync import IpcWeightSender, NcclWeightSender
+        from vlm.weight_sync import open_weight_sender
 
         engine = self._require_setup()
         self.close_weight_transfer()
-
-        def pushed():
-            return self._pushed_weights(self.learner.weight_bucket_bytes, device=engine.device)
-
-        if transport == "ipc":
-            self.weight_sender = IpcWeightSender(
-                pushed,
-                self.weight_metadata(),
-                rollout_handles,
-                rank=self.rank,
-                buffer_bytes=self.learner.weight_bucket_bytes,
-                timeout_s=timeout_s,
-            )
-            return
-        self.weight_sender = NcclWeightSender(
-            pushed,
+        self.weight_sender = open_weight_sender(
+            transport,
+            lambda: self._pushed_weights(self.learner.weight_bucket_bytes, device=engine.device),
             self.weight_metadata(),
             rollout_handles,
             rank=self.rank,
             master_address=master_address,
             master_port=master_port,
             workers_per_engine=workers_per_engine,
+            buffer_bytes=self.learner.weight_bucket_bytes,
             timeout_s=timeout_s,
         )
 

@@ -22,7 +22,7 @@ from configs.sleep import (
     pushed_weight_groups,
     sleep_level_problem,
 )
-from vlm.weight_sync import RolloutWorkersClient, ipc_buffer_bytes, pickled_ipc_handles
+from vlm.weight_sync import RolloutWorkersClient, ipc_buffer_bytes, open_weight_sender, pickled_ipc_handles
 
 PRESETS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 ALL = set(WEIGHT_GROUPS)
@@ -138,6 +138,8 @@ def test_the_ipc_push_opens_no_group_and_its_buffer_holds_the_largest_tensor(mon
     assert ipc_buffer_bytes([projection], 1 << 30) == 1 << 30
     assert ipc_buffer_bytes([projection, embedding], 1 << 30) == 152064 * 3584 * 2
     assert ipc_buffer_bytes([], 64 << 20) == 64 << 20
+    with pytest.raises(ValueError, match="transport 'object_store' \\(nccl or ipc\\)"):
+        open_weight_sender("object_store", list, [], workers, rank=0)  # buckets need no sender
 
 
 def test_kept_groups_are_known_and_a_tied_output_head_is_kept_as_the_embeddings():

@@ -18,7 +18,7 @@ CPU (and any machine without CUDA) -- bytes through the control plane:
 
 GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     every CUDA engine is built with `weight_transfer_config={"backend": "nccl"}`. Each learner rank holds
-    an `NcclWeightSender`; rank 0's opens one NCCL group with all vLLM workers (`init_weight_transfer`)
+    a `WeightSender` (`open_weight_sender("nccl", ...)`); rank 0's opens one NCCL group with all vLLM workers (`init_weight_transfer`)
     once every worker answers a ping (`cluster.system.open_weight_transfer`, which also shuts the old
     group down on both sides before reopening it for a replaced worker), and each push runs `start_weight_update` / `update_weights` (packed bucketed broadcast from
     rank 0, received by the workers concurrently) / `finish_weight_update` through
@@ -31,9 +31,9 @@ GPU (CUDA) -- vLLM 0.32's native weight-transfer API with its "nccl" backend:
     announced metadata is tested against what the bucket path pushes.
 
 GPU, colocated (a rollout engine and a learner rank on each GPU) -- vLLM's "ipc" backend: the engines
-    are built with `weight_transfer_config={"backend": "ipc"}` and each learner rank holds an
-    `IpcWeightSender`; the same client and `RolloutEngine` calls as NCCL carry CUDA IPC handles of a
-    buffer on each rank's GPU instead of opening a group (`IpcWeightSender` says how).
+    are built with `weight_transfer_config={"backend": "ipc"}` and each learner rank holds a
+    `WeightSender` (`open_weight_sender("ipc", ...)`); the same client and `RolloutEngine` calls as NCCL
+    carry CUDA IPC handles of a buffer on each rank's GPU instead of opening a group.
 
 Names are Hugging Face names (either the learner's `model.language_model.*` / `model.visual.*` or the
 checkpoint's `model.*` / `visual.*`): vLLM's Qwen2.5-VL loader maps both.
@@ -225,93 +225,89 @@ class NamedTensorSource:
             yield name, tensor.detach()
 
 
-class NcclWeightSender:
-    """One learner rank's end of the NCCL push. Rank 0 opens one group with every vLLM worker and
-    broadcasts; the other ranks only iterate `named_tensors` with it (under ZeRO-3 each tensor is a
-    gather every rank takes part in).
-
-    The rollout engines must have been built on CUDA (`engine_weight_transfer_config()`), and
-    `master_address:master_port` must be reachable from them (rank 0's node, a free port). A worker
-    that is replaced needs a new group: `close()` this sender on every rank, shut the engines' end down
-    (`RolloutEngine.shutdown_weight_transfer`) and open another (`cluster.system.open_weight_transfer`).
-    """
+class WeightSender:
+    """One learner rank's end of a push through vLLM's weight-transfer API: `trainer_engine` (vLLM's
+    trainer-side engine class) started with `init_info`, reading the tensors `named_tensors` yields, and
+    driving the rollout workers through `client` (rank 0 only: the other ranks take part in the
+    collectives)."""
 
     def __init__(
         self,
+        trainer_engine,
+        init_info,
         named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
         metadata: list[WeightMeta],
-        rollout_handles: list,
-        *,
-        rank: int,
-        master_address: str,
-        master_port: int,
-        workers_per_engine: int = 1,
-        timeout_s: float | None = None,
+        client: RolloutWorkersClient,
     ) -> None:
+        self._engine = trainer_engine.trainer_init(
+            init_info, client=client, source=NamedTensorSource(named_tensors, metadata)
+        )
+
+    def push(self) -> None:
+        """start_weight_update -> the transfer (`send_weights`) -> finish_weight_update (caches reset)."""
+        self._engine.send_weights()
+
+    def close(self) -> None:
+        self._engine.shutdown()
+
+
+def open_weight_sender(
+    transport: str,
+    named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    metadata: list[WeightMeta],
+    rollout_handles: list,
+    *,
+    rank: int,
+    master_address: str | None = None,
+    master_port: int | None = None,
+    workers_per_engine: int = 1,
+    buffer_bytes: int = DEFAULT_BUCKET_BYTES,
+    timeout_s: float | None = None,
+) -> WeightSender:
+    """This learner rank's end of the `transport` push (every rank opens one; rank 0 sends).
+
+    "nccl": rank 0 opens one group with every vLLM worker at `master_address:master_port` (reachable from
+    the engines: rank 0's node, a free port) and broadcasts packed buckets, the workers receiving
+    concurrently; the other ranks only iterate `named_tensors` with it (under ZeRO-3 each tensor is a
+    gather every rank takes part in). A worker that is replaced needs a new group: `close()` the sender on
+    every rank, shut the engines' end down (`RolloutEngine.shutdown_weight_transfer`) and open another
+    (`cluster.system.open_weight_transfer`).
+
+    "ipc", colocated (cluster.placement=colocate: rollout worker i shares learner rank i's GPU): every
+    rank copies the pushed tensors, chunk by chunk, into one IPC buffer of its own (`buffer_bytes`, at
+    least the largest tensor) and all ranks all-gather the buffers' handles over the learners' process
+    group; rank 0 hands the merged handles to every engine, and each engine reads the buffer on its own
+    GPU (vLLM's ipc backend, chosen by GPU UUID). Nothing leaves the GPU and nothing is opened: no port,
+    no group. An engine that dies mid-push fails rank 0's call (the run ends, and resume goes on from the
+    last checkpoint, as with NCCL).
+
+    The rollout engines must have been built on CUDA for that backend (`engine_weight_transfer_config`).
+    """
+    if transport == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
         )
 
-        client = RolloutWorkersClient(rollout_handles, workers_per_engine, timeout_s)
         init_info = NCCLTrainerInitInfo(
             master_address=master_address,
             master_port=master_port,
             world_size=1 + len(rollout_handles) * workers_per_engine,
             rank=rank,  # rank 0 is the sender
         )
-        self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            init_info, client=client, source=NamedTensorSource(named_tensors, metadata)
-        )
-
-    def push(self) -> None:
-        """start_weight_update -> packed broadcast (workers receive concurrently) -> finish (caches reset)."""
-        self._engine.send_weights()
-
-    def close(self) -> None:
-        self._engine.shutdown()
-
-
-class IpcWeightSender:
-    """One learner rank's end of the CUDA IPC push, colocated (cluster.placement=colocate): rollout worker
-    i shares learner rank i's GPU. Every rank copies the pushed tensors, chunk by chunk, into one IPC
-    buffer of its own (`buffer_bytes`, at least the largest tensor) and all ranks all-gather the buffers'
-    handles over the learners' process group; rank 0 hands the merged handles to every engine, and each
-    engine reads the buffer on its own GPU (vLLM's ipc backend, chosen by GPU UUID). Nothing leaves the
-    GPU and nothing is opened: no port, no group. An engine that dies mid-push fails rank 0's call (the
-    run ends, and resume goes on from the last checkpoint, as with NCCL).
-    """
-
-    def __init__(
-        self,
-        named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
-        metadata: list[WeightMeta],
-        rollout_handles: list,
-        *,
-        rank: int,
-        buffer_bytes: int,
-        timeout_s: float | None = None,
-    ) -> None:
+        client = RolloutWorkersClient(rollout_handles, workers_per_engine, timeout_s)
+        return WeightSender(NCCLTrainerWeightTransferEngine, init_info, named_tensors, metadata, client)
+    if transport == "ipc":
         from vllm.distributed.weight_transfer.ipc_engine import (
             IPCTrainerInitInfo,
             IPCTrainerWeightTransferEngine,
         )
 
+        size = ipc_buffer_bytes(metadata, buffer_bytes)
+        init_info = IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=size)
         client = RolloutWorkersClient(rollout_handles, None, timeout_s)
-        init_info = IPCTrainerInitInfo(
-            rank=rank, packed=True, packed_buffer_size_bytes=ipc_buffer_bytes(metadata, buffer_bytes)
-        )
-        self._engine = IPCTrainerWeightTransferEngine.trainer_init(
-            init_info, client=client, source=NamedTensorSource(named_tensors, metadata)
-        )
-
-    def push(self) -> None:
-        """start_weight_update -> a chunk at a time: copy into the buffer, all-gather the handles, rank 0
-        ships them and waits for every engine to load -> finish (caches reset)."""
-        self._engine.send_weights()
-
-    def close(self) -> None:
-        self._engine.shutdown()
+        return WeightSender(IPCTrainerWeightTransferEngine, init_info, named_tensors, metadata, client)
+    raise ValueError(f"no weight-transfer sender for transport {transport!r} (nccl or ipc)")
 
 
 def pickled_ipc_handles(update_info: dict) -> dict:
