@@ -44,7 +44,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run $(ARGS)
 
-# A real GRPO run of the preset (cpu-default: 200 steps, ~18 min on a 2-core EPYC), evaluated before and after.
+# A real GRPO run of the preset (cpu-default: 200 steps, ~13 min on a 2-core EPYC), evaluated before and after.
 train: setup
 	$(VQR1) train --config $(PRESET) $(ARGS)
 
