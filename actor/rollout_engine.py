@@ -322,9 +322,10 @@ class RolloutEngine:
         lora: LoraConfig | None = None,
     ) -> None:
         """weight_transfer_backend: vLLM's weight-transfer backend on CUDA ("nccl" for learners on GPUs of
-        their own, "ipc" for a learner rank on the same GPU: cluster.weight_transport); none on the CPU. colocate: the engine
-        shares its device with a learner rank and sleeps while it trains (`sleep`, `wake_up`). lora: the
-        learner's; with push=adapter the engine serves its adapter (pushes load the adapter, not weights)."""
+        their own, "ipc" for a learner rank on the same GPU: cluster.weight_transport); none on the CPU.
+        colocate: the engine shares its device with a learner rank and sleeps while it trains (`sleep`,
+        `wake_up`). lora: the learner's; with push=adapter the engine serves its adapter (pushes load the
+        adapter, not weights)."""
         # Read by vLLM when the engine is created; in-process start-up is ~20 s faster on the CPU.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout_cfg.in_process_engine else "1"
         import torch
