@@ -7,8 +7,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VQR1 := $(PY) -m cluster.cli
 STAMP := $(VENV)/.installed-cpu
-# pip's find-links/extra-index warnings on this machine are noise; keep real errors.
+# uv installs the ~230 wheels in seconds where pip takes minutes. It reads no pip.conf, so pip's
+# find-links (where a machine keeps the CPU torch wheel) are passed on; TORCH_INDEX names an index for
+# it instead, e.g. https://download.pytorch.org/whl/cpu. A torch already in .venv is kept.
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
+TORCH_INDEX ?=
+# pip's warnings about this machine's extra-index folders are noise; keep real errors.
 PIP_QUIET := sed -E "/is ignored: it is neither a file nor a directory/d"
+UV_SOURCES := $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
+	$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 PRESET ?= cpu-default
 ARGS ?=
 SEEDS ?= 0
@@ -19,8 +26,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml cluster/cpu_compat.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade 'pip>=24' 2>&1 | $(PIP_QUIET)
-	$(PY) -m pip install -q -e '.[cpu,dev]' 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q 'uv==0.13.10' 2>&1 | $(PIP_QUIET)
+	$(VENV)/bin/uv pip install -q --python $(PY) $(UV_SOURCES) -e '.[cpu,dev]'
 	$(PY) -m cluster.cpu_compat install
 	touch $(STAMP)
 
