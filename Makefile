@@ -8,14 +8,10 @@ PY := $(VENV)/bin/python
 VQR1 := $(PY) -m cluster.cli
 STAMP := $(VENV)/.installed-cpu
 # uv installs the ~230 wheels in seconds where pip takes minutes. It reads no pip.conf, so pip's
-# find-links (where a machine keeps the CPU torch wheel) are passed on; TORCH_INDEX names an index for
-# it instead, e.g. https://download.pytorch.org/whl/cpu. A torch already in .venv is kept.
+# find-links (where a machine keeps the CPU torch wheel) are passed on. A torch already in .venv is kept.
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
-TORCH_INDEX ?=
 # pip's warnings about this machine's extra-index folders are noise; keep real errors.
 PIP_QUIET := sed -E "/is ignored: it is neither a file nor a directory/d"
-UV_SOURCES := $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
-	$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 PRESET ?= cpu-default
 ARGS ?=
 SEEDS ?= 0
@@ -27,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml cluster/cpu_compat.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q 'uv==0.13.10' 2>&1 | $(PIP_QUIET)
-	$(VENV)/bin/uv pip install -q --python $(PY) $(UV_SOURCES) -e '.[cpu,dev]'
+	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -e '.[cpu,dev]'
 	$(PY) -m cluster.cpu_compat install
 	touch $(STAMP)
 
@@ -51,7 +47,8 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run $(ARGS)
 
-# A real GRPO run of the preset (cpu-default: 200 steps, ~13 min on a 2-core EPYC), evaluated before and after.
+# A real GRPO run of the preset, evaluated before and after (cpu-default: 200 steps, ~14 min with setup on a
+# 2-core EPYC).
 train: setup
 	$(VQR1) train --config $(PRESET) $(ARGS)
 
