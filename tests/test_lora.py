@@ -16,7 +16,9 @@ from conftest import policy_shards
 from configs.load import ConfigError, load_config
 from configs.schema import LoraConfig, ModelConfig
 from learner.lora import (
+    adapter_tensor_name,
     hf_name,
+    is_adapter_parameter,
     merged_state_dict,
     merged_weight,
     push_plan,
@@ -276,8 +278,6 @@ def test_adapter_push_goes_through_the_object_store_and_sizes_vllms_adapter_slot
 
 
 def test_adapter_tensor_names_are_peft_checkpoint_names():
-    from learner.lora import adapter_tensor_name
-
     name = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.default.weight"
     assert (
         adapter_tensor_name(name)
@@ -381,7 +381,7 @@ def gathered_module_state(worker_handles) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_zero3_lora_trains_only_the_adapters_and_pushes_the_merged_layers(
+def test_zero3_lora_trains_only_the_adapters_and_pushes_the_merged_layers_or_the_adapter(
     zero3_lora_group, tiny_checkpoint, tmp_path
 ):
     import ray
@@ -452,6 +452,20 @@ def test_zero3_lora_trains_only_the_adapters_and_pushes_the_merged_layers(
         torch.testing.assert_close(
             merged_model(**inputs).logits, over_base(**inputs).logits, atol=1e-5, rtol=0
         )
+
+    # The adapter push (learner.lora.push=adapter builds no push plan): the adapter alone, each tensor
+    # gathered whole from its ZeRO-3 partitions in groups of 64 KiB, under peft's adapter-checkpoint names.
+    def adapter_push(self, bucket_bytes):
+        self.push_plan = None
+        return self.serialized_weights(bucket_bytes)
+
+    blobs = group_call(workers, "__ray_call__", adapter_push, 64 << 10)[0]
+    assert len(blobs) > 1
+    adapter = dict(iterate_buckets(blobs))
+    expected = {adapter_tensor_name(n): t for n, t in state.items() if is_adapter_parameter(n)}
+    assert adapter.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(adapter[name], tensor), name
 
 
 LORA_RUN = ("learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=5e-3", "eval.max_images=4")
