@@ -105,20 +105,23 @@ class WatchedRun:
     returncode: int
     stdout: str
     stderr: str
-    samples: list[tuple[int, list]]  # (step lines printed so far, listening sockets), about every second
+    samples: list[tuple[int, list]]  # (step lines printed so far, listening sockets)
     tmp_path: Path
+
+
+WATCHED_RUN_STEPS = 5
 
 
 @pytest.fixture(scope="session")
 def watched_train_run(tmp_path_factory, tiny_overrides) -> WatchedRun:
-    """`vqr1 train` of cpu-tiny for 3 steps as a user starts it (its own process, the single-node
+    """`vqr1 train` of cpu-tiny for 5 steps as a user starts it (its own process, the single-node
     default: no RAY_ADDRESS), stdout and stderr kept apart, and the listening sockets of its whole process
-    tree sampled about every second from start-up to exit. The console test and the loopback test read
-    this one run."""
+    tree sampled from start-up to exit: every second, and back to back once the first step line is out
+    (a tiny step takes well under a second). The console test and the loopback test read this one run."""
     tmp_path = tmp_path_factory.mktemp("watched-run")
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "cluster.cli", "train", "--config", "cpu-tiny"]
-    command += tiny_overrides(tmp_path, 3, "eval.max_images=4")
+    command += tiny_overrides(tmp_path, WATCHED_RUN_STEPS, "eval.max_images=4")
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -136,7 +139,7 @@ def watched_train_run(tmp_path_factory, tiny_overrides) -> WatchedRun:
         while process.poll() is None and time.monotonic() < deadline:
             steps = sum(line.startswith("step ") for line in list(out))
             samples.append((steps, listening_sockets(process_tree(process.pid))))
-            time.sleep(1.0)
+            time.sleep(0.0 if steps else 1.0)
     finally:
         if process.poll() is None:
             for child in process_tree(process.pid)[::-1]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import WATCHED_RUN_STEPS
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +58,7 @@ def test_train_console_shows_only_the_runs_own_lines(watched_train_run):
     wrong = unexpected_lines(run.stdout, TRAIN_LINES) + unexpected_lines(run.stderr, TRAIN_LINES)
     assert not wrong, "lines on the console that are not the run's own:\n" + "\n".join(wrong)
     assert [line.split(" |")[0] for line in run.stdout.splitlines() if line.startswith("step ")] == [
-        "step 1/3",
-        "step 2/3",
-        "step 3/3",
+        f"step {step}/{WATCHED_RUN_STEPS}" for step in range(1, WATCHED_RUN_STEPS + 1)
     ]
     # The libraries' start-up output went to the log, C-level and actor output included.
     log = (run.tmp_path / "out" / "train.log").read_text()

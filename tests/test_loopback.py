@@ -12,7 +12,7 @@ apply_default_env()
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
-from conftest import listening_sockets  # noqa: E402
+from conftest import WATCHED_RUN_STEPS, listening_sockets  # noqa: E402
 
 from cluster.system import start_ray  # noqa: E402
 from configs.load import load_config  # noqa: E402
@@ -70,14 +70,15 @@ def test_every_process_of_the_local_ray_listens_on_loopback_only(local_ray):
 
 @pytest.mark.slow
 def test_nothing_of_a_training_run_listens_beyond_loopback_while_its_steps_run(watched_train_run):
-    """A cpu-tiny run as a user starts it, its listening sockets sampled about every second from start-up
-    to the end, training steps included: every socket of the command and of every process under it (Ray's
+    """A cpu-tiny run as a user starts it, its listening sockets sampled from start-up to the end, back
+    to back while the training steps run: every socket of the command and of every process under it (Ray's
     servers, the rollout worker, the reward actor, the learner ranks with their torch.distributed store and
     gloo) is bound to loopback."""
     run = watched_train_run
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    # Samples while the steps ran (after step 1's line, before step 3's), the learners' sockets among them.
-    during = [sockets for steps, sockets in run.samples if 1 <= steps < 3]
+    # Samples while the steps ran (after step 1's line, before the last one's), the learners' sockets
+    # among them.
+    during = [sockets for steps, sockets in run.samples if 1 <= steps < WATCHED_RUN_STEPS]
     assert during, f"no sample while the steps ran ({len(run.samples)} samples)"
     names = {name for sockets in during for _, name, _, _ in sockets}
     assert any("LearnerWor" in name for name in names), names  # a process name may be cut at 15
