@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-cpu
 # uv installs the ~230 wheels in seconds where pip takes minutes. It reads no pip.conf, so pip's
 # find-links (where a machine keeps the CPU torch wheel) are passed on. A torch already in .venv is kept.
 # Bytecode is compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is set, every Ray worker
-# and engine process would otherwise compile torch, vLLM and transformers again (make test: 37 min, not 21).
+# and engine process would otherwise compile torch, vLLM and transformers again (make test: 37 min instead of 20).
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
 # pip's warnings about this machine's extra-index folders are noise; keep real errors.
 PIP_QUIET := sed -E "/is ignored: it is neither a file nor a directory/d"

@@ -116,8 +116,8 @@ WATCHED_RUN_STEPS = 5
 def watched_train_run(tmp_path_factory, tiny_overrides) -> WatchedRun:
     """`vqr1 train` of cpu-tiny for 5 steps as a user starts it (its own process, the single-node
     default: no RAY_ADDRESS), stdout and stderr kept apart, and the listening sockets of its whole process
-    tree sampled from start-up to exit: every second, and back to back once the first step line is out
-    (a tiny step takes well under a second). The console test and the loopback test read this one run."""
+    tree sampled from start-up to exit: every second, and back to back between the first and the last
+    step line (a tiny step takes well under a second). The console test and the loopback test read this one run."""
     tmp_path = tmp_path_factory.mktemp("watched-run")
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "cluster.cli", "train", "--config", "cpu-tiny"]
@@ -139,7 +139,7 @@ def watched_train_run(tmp_path_factory, tiny_overrides) -> WatchedRun:
         while process.poll() is None and time.monotonic() < deadline:
             steps = sum(line.startswith("step ") for line in list(out))
             samples.append((steps, listening_sockets(process_tree(process.pid))))
-            time.sleep(0.0 if steps else 1.0)
+            time.sleep(0.0 if 0 < steps < WATCHED_RUN_STEPS else 1.0)
     finally:
         if process.poll() is None:
             for child in process_tree(process.pid)[::-1]:
